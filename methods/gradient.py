@@ -1,0 +1,144 @@
+"""Gradient-based attribution methods, through Captum (https://captum.ai).
+
+Each returns `[B, C, H, W]` on the inputs' device. `chunk_size` is the number of images (or
+image-sample pairs) per forward pass; the harness sets it from the model's best batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+from captum.attr import (
+    DeepLift,
+    GradientShap,
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    NoiseTunnel,
+    Saliency,
+)
+from torch import nn
+
+from methods.common import chunked
+
+
+def saliency(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+) -> torch.Tensor:
+    """Absolute input gradient of the target logit (Simonyan et al. 2014, arXiv:1312.6034, eq. 2)."""
+    explainer = Saliency(model)
+    return chunked(
+        lambda x, t: explainer.attribute(x, target=t, abs=True), inputs, target, chunk_size
+    )
+
+
+def input_x_gradient(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+) -> torch.Tensor:
+    """Input times gradient (Shrikumar et al. 2016, arXiv:1605.01713)."""
+    explainer = InputXGradient(model)
+    return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
+
+
+def guided_backprop(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al. 2015, arXiv:1412.6806): ReLUs pass only positive
+    gradients. Captum rewrites `nn.ReLU` modules; other activations keep their plain gradient.
+    """
+    explainer = GuidedBackprop(model)
+    return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
+
+
+def integrated_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """Integrated gradients from a zero baseline (Sundararajan et al. 2017, arXiv:1703.01365, eq. 1).
+
+    Args:
+        model: classifier returning logits.
+        inputs: `[B, C, H, W]` normalised images; the baseline is zero in this space.
+        target: `[B]` classes.
+        n_steps: points of the path integral.
+        method: Captum's quadrature rule (`gausslegendre`, `riemann_trapezoid`, ...).
+        chunk_size: image-step pairs per forward pass.
+    """
+    explainer = IntegratedGradients(model)
+    images = min(inputs.shape[0], chunk_size)
+
+    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return explainer.attribute(
+            x, target=t, n_steps=n_steps, method=method, internal_batch_size=max(chunk_size, len(x))
+        )
+
+    return chunked(attribute, inputs, target, images)
+
+
+def smoothgrad(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    nt_samples: int = 25,
+    noise_level: float = 0.15,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al. 2017, arXiv:1706.03825, eq. 3): mean absolute gradient over noisy
+    copies. The noise std is `noise_level` times the value range of the batch (the paper's
+    sigma / (x_max - x_min)); draws come from torch's global generator, seeded by the job.
+    """
+    explainer = NoiseTunnel(Saliency(model))
+    stdev = float(noise_level * (inputs.max() - inputs.min()))
+    images = max(1, min(inputs.shape[0], chunk_size // nt_samples))
+    samples_per_call = max(1, min(nt_samples, chunk_size // images))
+
+    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return explainer.attribute(
+            x,
+            target=t,
+            nt_type="smoothgrad",
+            nt_samples=nt_samples,
+            nt_samples_batch_size=samples_per_call,
+            stdevs=stdev,
+            abs=True,
+        )
+
+    return chunked(attribute, inputs, target, images)
+
+
+def deeplift(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+) -> torch.Tensor:
+    """DeepLIFT rescale rule from a zero baseline (Shrikumar et al. 2017, arXiv:1704.02685).
+
+    Needs one module per activation call site (see `harness.models.ReLU6`).
+    """
+    explainer = DeepLift(model)
+    return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
+
+
+def gradient_shap(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    n_samples: int = 20,
+    stdevs: float = 0.1,
+    chunk_size: int = 16,
+) -> torch.Tensor:
+    """GradientSHAP (Lundberg and Lee 2017, arXiv:1705.07874): expected gradients on random points
+    between the input and a zero baseline, with Gaussian input noise of std `stdevs`.
+    """
+    explainer = GradientShap(model)
+    images = max(1, min(inputs.shape[0], chunk_size // n_samples))
+
+    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        baselines = torch.zeros_like(x[:1])
+        return explainer.attribute(x, baselines, target=t, n_samples=n_samples, stdevs=stdevs)
+
+    return chunked(attribute, inputs, target, images)
