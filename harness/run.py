@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -27,6 +28,7 @@ from harness.data import Images
 from harness.models import Classifier
 from harness.results import bootstrap_ci, write_job
 from harness.timing import ForwardCost, Timing, forward_cost, measure, peak_memory_mb
+from methods.common import seed_all
 from metrics import Curve
 
 log = logging.getLogger("harness")
@@ -166,7 +168,7 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
     target = probs.argmax(dim=1)
 
     def attribute(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        torch.manual_seed(seed)  # stochastic methods: the same draws on every call
+        seed_all(seed)  # stochastic methods: the same draws on every call
         return job.method(model, xs, ts)
 
     if dev.type == "cuda":
@@ -287,6 +289,32 @@ def _headline(row: dict[str, Any], metrics: list[str]) -> str:
         f"{scores}; {row['method_ms_per_image']:.1f} ms/image, "
         f"{row['method_bound_ratio']:.2f}x its forward bound"
     )
+
+
+GROUPS = ("model", "data", "method", "metric", "device", "experiment")
+
+
+def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
+    """Refuse unknown config names in `group=a`, `group=a,b` and `group=[a,b]` overrides, listing
+    the names that exist (Hydra lists them for some forms only). Sweep functions pass unchecked."""
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or key not in GROUPS or "(" in value or value in ("null", ""):
+            continue
+        known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for name in value.strip("[]").split(","):
+            if name.strip() and name.strip() not in known:
+                raise HarnessError(f"unknown {key} {name.strip()!r}; available: {', '.join(known)}")
+
+
+def cli() -> None:
+    """`python -m harness`: check the config names, then hand over to Hydra."""
+    try:
+        check_choices(sys.argv[1:])
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    main()
 
 
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")

@@ -1,0 +1,108 @@
+"""Every option of every config group composes and instantiates; the naming rule holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from harness.run import HarnessError, resolve_device
+from tests.conftest import CONF
+
+GROUPS = ("model", "data", "method", "metric", "device", "experiment")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def cfg_with(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", ["model=small_cnn", "device=cpu", "device.batch_size=2", *overrides])
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert options(group), group
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_instantiate(name):
+    cfg = cfg_with(f"model={name}")
+    clf = instantiate(cfg.model)
+    assert clf.name == name  # naming rule: config stem == value in the row
+    assert not clf.module.training
+    assert clf.pretrained == (name == "efficientnet_lite0")
+    clf.module.get_submodule(clf.cam_layer)
+    with torch.no_grad():
+        logits = clf.module(torch.zeros(1, 3, clf.input_size, clf.input_size))
+    assert logits.shape == (1, len(clf.class_names))
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate(name, tmp_path: Path):
+    from PIL import Image
+
+    extra = []
+    if name == "image_folder":
+        (tmp_path / "cat").mkdir()
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "cat" / "a.png")
+        extra = [f"data.root={tmp_path}"]
+    cfg = cfg_with(f"data={name}", "data.num_images=1", *extra)
+    data = instantiate(cfg.data, size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert data.name == name and data.images.shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("group", ["method", "metric"])
+def test_functions_follow_the_naming_rule(group):
+    import methods
+    import metrics
+
+    module = methods if group == "method" else metrics
+    for name in options(group):
+        cfg = cfg_with(f"{group}={name}" if group == "method" else f"metric=[{name}]")
+        node = cfg.method if group == "method" else cfg.metric[name]
+        assert node._target_ == f"{group}s.{name}"  # stem == function name
+        fn = instantiate(node)
+        assert fn.func is getattr(module, name)
+        assert fn.keywords.get("chunk_size", 2) == 2  # ${device.batch_size} reaches every chunk
+
+
+def test_several_metrics_per_run():
+    cfg = cfg_with("metric=[insertion,deletion]")
+    assert set(cfg.metric) == {"deletion", "insertion"}
+    assert cfg.metric.deletion.substrate == "zero" and cfg.metric.insertion.substrate == "blur"
+
+
+def test_cam_layer_comes_from_the_model():
+    assert cfg_with("method=grad_cam", "model=resnet18").method.layer == "layer4"
+    assert cfg_with("method=grad_cam", "model=efficientnet_lite0").method.layer == "head"
+
+
+@pytest.mark.parametrize("name", options("device"))
+def test_device_options(name):
+    cfg = cfg_with(f"device={name}")
+    assert cfg.device.name == name and cfg.device.precision == "fp32"
+    if name == "cuda" and not torch.cuda.is_available():
+        with pytest.raises(HarnessError, match="device=cuda but torch .* sees no CUDA GPU"):
+            resolve_device(cfg.device.name)
+    else:
+        assert resolve_device(cfg.device.name).type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_options_compose(name):
+    cfg = cfg_with(f"experiment={name}")
+    OmegaConf.resolve(cfg)
+
+
+def test_default_comparison_sweeps_every_method():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert sorted(cfg.hydra.sweeper.params.method.split(",")) == options("method")
+    assert cfg.model._target_.endswith("efficientnet_lite0") and cfg.data._target_.endswith("photos")

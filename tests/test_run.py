@@ -1,0 +1,133 @@
+"""End to end: `python -m harness` sweeps, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from harness.run import HarnessError, check_attributions
+from tests.conftest import REPO
+
+RESULT_FILES = ("run.json", "curves.csv", "scores.csv", "attributions.pt", "summary.csv")
+
+
+def harness(*args: str, module: str = "harness") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+
+
+def result_files(folder: Path) -> list[Path]:
+    return [p for name in RESULT_FILES for p in folder.rglob(name)]
+
+
+@pytest.mark.slow
+def test_sweep_writes_rows_tables_and_plots(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = harness(
+        "-m", "model=small_cnn", "method=saliency,occlusion", "seed=0,1", "device=cpu",
+        "data.num_images=3", f"hydra.sweep.dir={sweep}",
+    )
+    assert r.returncode == 0, r.stderr
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert len(summary) == 4 and sorted(summary["method"].unique()) == ["occlusion", "saliency"]
+    for col in [
+        "model", "pretrained", "data", "method", "device", "precision", "n_images", "seed",
+        "deletion_auc", "deletion_auc_low", "deletion_auc_high", "insertion_auc",
+        "insertion_auc_low", "insertion_auc_high", "method_ms_per_image", "deletion_ms_per_image",
+        "method_bound_ratio", "deletion_bound_ratio", "insertion_bound_ratio", "peak_mem_mb",
+        "gpu_name", "torch_version", "torchvision_version", "captum_version", "git_commit",
+        "method.window", "deletion.steps", "insertion.substrate",
+    ]:
+        assert col in summary.columns, col
+    assert (summary["n_images"] == 3).all() and (~summary["pretrained"]).all()
+    assert (summary["deletion_auc_low"] <= summary["deletion_auc"]).all()
+    assert (summary["deletion_auc"] <= summary["deletion_auc_high"]).all()
+    occ = summary[summary["method"] == "occlusion"].iloc[0]
+    assert occ["method_forwards_per_image"] == 2  # one 32x32 window + the clean image
+    assert occ["deletion_forwards_per_image"] == 29  # 28 steps + 1
+    for name in ["summary.md", "curves.png", "time_vs_insertion.png", "grid_small_cnn_photos.png"]:
+        assert (sweep / name).stat().st_size > 0, name
+
+    # per job: the row, per-image scores agree with it
+    job = next(p.parent for p in sweep.glob("*/run.json"))
+    row = json.loads((job / "run.json").read_text())
+    scores = pd.read_csv(job / "scores.csv")
+    assert abs(scores["deletion_auc"].mean() - row["deletion_auc"]) < 1e-6
+    assert (job / ".hydra" / "config.yaml").is_file()
+
+    # the report is rebuilt from the job folders alone
+    (sweep / "summary.csv").unlink()
+    rebuilt = harness(str(sweep), "--out", str(tmp_path / "again"), module="harness.report")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    again = pd.read_csv(tmp_path / "again" / "summary.csv")
+    pd.testing.assert_frame_equal(again[summary.columns], summary, check_exact=False)
+
+
+@pytest.mark.slow
+def test_single_run_with_image_folder(tmp_path):
+    from PIL import Image
+
+    for cls, colour in (("0", (250, 20, 20)), ("3", (20, 20, 250))):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(tmp_path / "data" / cls / "x.png")
+    out = tmp_path / "run"
+    r = harness(
+        "hydra.mode=RUN", "model=small_cnn", "method=grad_cam", "data=image_folder",
+        f"data.root={tmp_path / 'data'}", "metric=[deletion]", "device=cpu", f"hydra.run.dir={out}",
+    )
+    assert r.returncode == 0, r.stderr
+    row = json.loads((out / "run.json").read_text())
+    assert row["data"] == "image_folder" and row["n_images"] == 2 and "insertion_auc" not in row
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
+        (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
+        (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, efficientnet_lite0,"),
+        (["metric=[deletions]"], "unknown metric 'deletions'; available: deletion, insertion"),
+        (["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
+        (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
+        (["method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
+        (["device.precision=fp8"], "device.precision='fp8'"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_message_and_no_results(tmp_path, overrides, message):
+    r = harness(
+        "-m", "model=small_cnn", "device=cpu", "data.num_images=1", *overrides,
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert result_files(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_says_so(tmp_path):
+    r = harness("-m", "model=small_cnn", "device=cuda", "method=saliency", f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode != 0 and "device=cuda but torch" in r.stderr and "sees no CUDA GPU" in r.stderr
+    assert result_files(tmp_path) == []
+
+
+def test_method_output_is_checked():
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(HarnessError, match=r"shape \(2, 8, 8\); expected \[2, 1 or 3, 8, 8\]"):
+        check_attributions(torch.zeros(2, 8, 8), x, "bad")
+    nan = torch.zeros(2, 1, 8, 8)
+    nan[1, 0, 3, 3] = float("nan")
+    with pytest.raises(HarnessError, match="NaN or inf in 1 values"):
+        check_attributions(nan, x, "bad")
+
+
+def test_report_of_an_empty_folder_fails_clearly(tmp_path):
+    r = harness(str(tmp_path), module="harness.report")
+    assert r.returncode != 0 and "no complete job" in r.stderr
