@@ -9,6 +9,7 @@ import logging
 import platform
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -284,10 +285,11 @@ def _headline(row: dict[str, Any], metrics: list[str]) -> str:
         f"{m} {row[f'{m}_auc']:.3f} [{row[f'{m}_auc_low']:.3f}, {row[f'{m}_auc_high']:.3f}]"
         for m in metrics
     )
+    ratio = row["method_bound_ratio"]
+    cost = "no model passes" if ratio is None else f"{ratio:.2f}x its forward bound"
     return (
         f"{row['method']} on {row['model']}/{row['data']} ({row['device']}, {row['n_images']} images): "
-        f"{scores}; {row['method_ms_per_image']:.1f} ms/image, "
-        f"{row['method_bound_ratio']:.2f}x its forward bound"
+        f"{scores}; {row['method_ms_per_image']:.1f} ms/image, {cost}"
     )
 
 
@@ -321,6 +323,8 @@ def cli() -> None:
 def main(cfg: DictConfig) -> None:
     """Run the job that Hydra composed; bad input exits non-zero with one clear message."""
     out = Path(HydraConfig.get().runtime.output_dir)
+    # Captum warns on every call that inputs do not require grad and that it hooks activations.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
     try:
         run_job(cfg, out)
     except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:

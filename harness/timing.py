@@ -61,11 +61,21 @@ class ForwardCounter:
     _handle: Any = field(default=None, repr=False)
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        n = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 0
+        # Image batches anywhere in the arguments: Captum's DeepLift calls model((x,), (baseline,))
+        # and joins the two in a hook of its own, so both count.
+        n = sum(t.shape[0] for t in _tensors(args) if t.dim() == 4)
         if torch.is_grad_enabled():
             self.backwards += n
         else:
             self.forwards += n
+
+
+def _tensors(args: Any) -> Iterator[torch.Tensor]:
+    if isinstance(args, torch.Tensor):
+        yield args
+    elif isinstance(args, (tuple, list)):
+        for a in args:
+            yield from _tensors(a)
 
 
 @contextmanager
@@ -182,8 +192,13 @@ def forward_cost(
     batch_size: int | None = None,
     repeats: int = 3,
     memory_format: torch.memory_format = torch.contiguous_format,
+    min_images: int = 16,
 ) -> ForwardCost:
     """Measure the model's forward time per image at each batch size, and forward+backward at the best.
+
+    Each timed unit is a loop of calls covering at least `min_images` images, as methods and
+    metrics run: a single short call is faster than a sustained loop on a busy CPU, and would make
+    every bound look tighter than it is. The best of `repeats` units is kept (the model's own speed).
 
     Args:
         model: classifier on `device`.
@@ -191,31 +206,38 @@ def forward_cost(
         device: where the model runs.
         batch_sizes: batch sizes to try.
         batch_size: if given, measure only this one.
-        repeats: timed calls per batch size; the best is kept (the model's own speed).
+        repeats: timed units per batch size.
         memory_format: layout of the inputs, as the job will feed them.
+        min_images: images per timed unit.
     """
 
     def tiled(bs: int) -> torch.Tensor:
         x = sample.repeat((-(-bs // len(sample)), 1, 1, 1))[:bs]
         return x.to(device).contiguous(memory_format=memory_format)
 
-    sizes = [batch_size] if batch_size else list(batch_sizes)
-    per_batch = {}
-    for bs in sizes:
-        x = tiled(bs)
-        with torch.no_grad():
-            _, t = measure(lambda x=x: model(x), device, min_repeats=repeats, max_repeats=repeats)
-        per_batch[bs] = t.best_ms / bs
-    best = min(per_batch, key=per_batch.__getitem__)
-    x = tiled(best)
+    def per_image_ms(step: Callable[[torch.Tensor], Any], bs: int) -> float:
+        x, calls = tiled(bs), -(-min_images // bs)
 
-    def forward_backward() -> None:
+        def unit() -> None:
+            for _ in range(calls):
+                step(x)
+
+        _, t = measure(unit, device, min_repeats=repeats, max_repeats=repeats)
+        return t.best_ms / (calls * bs)
+
+    def forward(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward(x: torch.Tensor) -> None:
         # Gradient to the input only, as attribution methods take it (no weight gradients).
         xg = x.detach().requires_grad_()
         torch.autograd.grad(model(xg).logsumexp(dim=1).sum(), xg)
 
-    _, t = measure(forward_backward, device, min_repeats=repeats, max_repeats=repeats)
-    return ForwardCost(best, per_batch[best], t.best_ms / best, per_batch)
+    sizes = [batch_size] if batch_size else list(batch_sizes)
+    per_batch = {bs: per_image_ms(forward, bs) for bs in sizes}
+    best = min(per_batch, key=per_batch.__getitem__)
+    return ForwardCost(best, per_batch[best], per_image_ms(forward_backward, best), per_batch)
 
 
 def peak_memory_mb(device: torch.device) -> float:

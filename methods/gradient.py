@@ -131,14 +131,22 @@ def gradient_shap(
     stdevs: float = 0.1,
     chunk_size: int = 16,
 ) -> torch.Tensor:
-    """GradientSHAP (Lundberg and Lee 2017, arXiv:1705.07874): expected gradients on random points
-    between the input and a zero baseline, with Gaussian input noise of std `stdevs`.
+    """GradientSHAP (Lundberg and Lee 2017, arXiv:1705.07874).
+
+    Expected gradients on random points between the input and a zero baseline, with Gaussian input
+    noise of std `stdevs`. Captum forwards all `n_samples` of an image at once, so the samples are
+    split into calls of at most `chunk_size` forwards and their means combined, weighted by count.
     """
     explainer = GradientShap(model)
     images = max(1, min(inputs.shape[0], chunk_size // n_samples))
+    per_call = max(1, min(n_samples, chunk_size // images))
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         baselines = torch.zeros_like(x[:1])
-        return explainer.attribute(x, baselines, target=t, n_samples=n_samples, stdevs=stdevs)
+        total = torch.zeros_like(x)
+        for done in range(0, n_samples, per_call):
+            k = min(per_call, n_samples - done)
+            total += k * explainer.attribute(x, baselines, target=t, n_samples=k, stdevs=stdevs)
+        return total / n_samples
 
     return chunked(attribute, inputs, target, images)

@@ -10,23 +10,31 @@ from harness.timing import ForwardCost, Timing, count_forwards, forward_cost, me
 
 
 def test_count_forwards_splits_autograd_from_inference():
-    model = torch.nn.Linear(4, 2)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     with count_forwards(model) as c:
-        model(torch.randn(3, 4))
+        model(torch.randn(3, 3, 2, 2))
         with torch.no_grad():
-            model(torch.randn(5, 4))
-            model(torch.randn(2, 4))
+            model(torch.randn(5, 3, 2, 2))
+            model(torch.randn(2, 3, 2, 2))
     assert (c.forwards, c.backwards) == (7, 3)
     assert not model._forward_pre_hooks  # hook removed
 
 
+def test_count_forwards_sees_captum_deeplift_inputs_and_baselines(small_cnn, images):
+    import methods
+
+    with count_forwards(small_cnn.module) as c:
+        methods.deeplift(small_cnn.module, images, torch.zeros(5, dtype=torch.long))
+    assert (c.forwards, c.backwards) == (0, 10)  # 5 images + 5 baselines
+
+
 def test_measure_warms_up_repeats_and_counts():
-    model, calls = torch.nn.Linear(4, 2), []
+    model, calls = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), []
 
     def fn():
         calls.append(1)
         with torch.no_grad():
-            return model(torch.randn(6, 4))
+            return model(torch.randn(6, 3, 2, 2))
 
     out, t = measure(fn, torch.device("cpu"), model=model, min_repeats=3, max_repeats=3)
     assert len(calls) == 4 and len(t.times_ms) == 3  # one warm-up, three timed
