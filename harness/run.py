@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.data import Images
 from harness.models import Classifier
 from harness.results import bootstrap_ci, write_job
-from harness.timing import ForwardCost, Timing, forward_cost, measure, peak_memory_mb
+from harness.timing import ModelSpeed, Timing, measure, peak_memory_mb
 from methods.common import seed_all
 from metrics import Curve
 
@@ -36,6 +36,9 @@ log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32",)
+# Cheap calls repeat while 2 s last, up to 5 times; a call over 2 s is timed once. Each timed call
+# carries its own bound, measured beside it, so a slow minute on the machine slows both alike.
+REPEATS = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
 
 
 class HarnessError(Exception):
@@ -53,7 +56,7 @@ class Job:
     method_name: str
     method: Any
     metrics: dict[str, Any]
-    forward: ForwardCost
+    speed: ModelSpeed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,20 +91,13 @@ def build(cfg: DictConfig) -> Job:
     data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
     clf.module.to(device=device, memory_format=memory_format)
-    fwd = forward_cost(
-        clf.module,
-        data.images,
-        device,
-        cfg.device.batch_sizes,
-        cfg.device.batch_size,
-        memory_format=memory_format,
-    )
-    cfg.device.batch_size = fwd.batch_size
+    speed = ModelSpeed(clf.module, data.images, device, memory_format)
+    cfg.device.batch_size = speed.choose_batch_size(cfg.device.batch_sizes, cfg.device.batch_size)
     metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     return Job(
-        cfg, device, clf, data, _function_name(cfg.method), instantiate(cfg.method), metrics, fwd
+        cfg, device, clf, data, _function_name(cfg.method), instantiate(cfg.method), metrics, speed
     )
 
 
@@ -143,8 +139,8 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
-def _timing_fields(prefix: str, t: Timing, n: int, fwd: ForwardCost) -> dict[str, Any]:
-    bound = fwd.bound_ms(t)
+def _timing_fields(prefix: str, t: Timing, n: int) -> dict[str, Any]:
+    bound = t.bound_ms
     return {
         f"{prefix}_ms_per_image": t.median_ms / n,
         f"{prefix}_ms_iqr": t.iqr_ms / n,
@@ -152,8 +148,8 @@ def _timing_fields(prefix: str, t: Timing, n: int, fwd: ForwardCost) -> dict[str
         f"{prefix}_repeats": len(t.times_ms),
         f"{prefix}_forwards_per_image": t.forwards / n,
         f"{prefix}_backwards_per_image": t.backwards / n,
-        f"{prefix}_bound_ms_per_image": bound / n,
-        f"{prefix}_bound_ratio": t.median_ms / bound if bound > 0 else None,
+        f"{prefix}_bound_ms_per_image": None if bound is None else bound / n,
+        f"{prefix}_bound_ratio": t.bound_ratio,
     }
 
 
@@ -175,7 +171,12 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     maps, t_method = measure(
-        lambda: attribute(x, target), dev, model=model, warmup=lambda: attribute(x[:1], target[:1])
+        lambda: attribute(x, target),
+        dev,
+        model=model,
+        speed=job.speed,
+        warmup=lambda: attribute(x[:1], target[:1]),
+        **REPEATS,
     )
     maps = check_attributions(maps, x, job.method_name).detach()
     curves: dict[str, Curve] = {}
@@ -185,12 +186,11 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
             lambda metric=metric: metric(model, x, maps, target),
             dev,
             model=model,
+            speed=job.speed,
             warmup=lambda metric=metric: metric(model, x[:1], maps[:1], target[:1]),
+            **REPEATS,
         )
-    # The bound again, now that the process is warm; the faster of the two is the model's speed.
-    forward = job.forward.best_of(
-        forward_cost(model, job.data.images, dev, batch_size=job.forward.batch_size, memory_format=fmt)
-    )
+    speed = job.speed
     row: dict[str, Any] = {
         "model": job.classifier.name,
         "pretrained": job.classifier.pretrained,
@@ -203,17 +203,18 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "n_images": n,
         "seed": seed,
         "input_size": job.classifier.input_size,
-        "batch_size": forward.batch_size,
+        "batch_size": speed.batch_size,
         "top1_equals_label": _agreement(target, job.data.labels),
-        "forward_ms_per_image": forward.forward_ms,
-        "forward_backward_ms_per_image": forward.forward_backward_ms,
-        **_timing_fields("method", t_method, n, forward),
+        "forward_ms_per_image": speed.forward_ms,
+        "forward_backward_ms_per_image": speed.forward_backward_ms,
+        "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms.items()},
+        **_timing_fields("method", t_method, n),
         **_params("method", cfg.method),
     }
     for name, curve in curves.items():
         low, high = bootstrap_ci(curve.auc, seed=seed)
         row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
-        row |= _timing_fields(name, timings[name], n, forward) | _params(name, cfg.metric[name])
+        row |= _timing_fields(name, timings[name], n) | _params(name, cfg.metric[name])
     row |= _environment(dev)
     write_job(out, row, *_tables(job, curves, target, probs), _maps(job, maps, target))
     log.info(_headline(row, list(curves)))

@@ -2,9 +2,11 @@
 
 Warm-up first, then repeated timed calls; the median and the interquartile range are reported. On CUDA
 the calls are timed with CUDA events after a synchronisation; on CPU with `perf_counter`. Every timed
-call counts the images that went through the model, with and without autograd, so that its cost can
-be set against the bound it implies: the model's own forward (or forward+backward) time per image,
-measured in the same job at the model's best batch size.
+call counts the images that went through the model, with and without autograd, and carries its own
+bound: what those images cost in plain forward (and forward+backward) loops of the model at its best
+batch size, timed right before and right after the call. Comparing a call with loops timed next to
+it, rather than minutes earlier, keeps the ratio honest on a machine that other work slows down and
+speeds up from one minute to the next.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ class Timing:
         times_ms: one entry per timed call.
         forwards: images forwarded without autograd, per call.
         backwards: images forwarded with autograd (assumed to be backpropagated), per call.
+        bounds_ms: for each timed call, the time of its forwards and backwards at the model's own
+            speed, measured next to it (empty when no bound was measured).
     """
 
     times_ms: list[float]
     forwards: int = 0
     backwards: int = 0
+    bounds_ms: list[float] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:  # noqa: D102
@@ -51,6 +56,18 @@ class Timing:
         q = statistics.quantiles(self.times_ms, n=4, method="inclusive")
         return q[2] - q[0]
 
+    @property
+    def bound_ratio(self) -> float | None:
+        """The best ratio of a call's time to its own bound (interference only ever adds time)."""
+        ratios = [t / b for t, b in zip(self.times_ms, self.bounds_ms) if b > 0]
+        return min(ratios) if ratios else None
+
+    @property
+    def bound_ms(self) -> float | None:
+        """The smallest bound measured next to the calls."""
+        positive = [b for b in self.bounds_ms if b > 0]
+        return min(positive) if positive else None
+
 
 @dataclass
 class ForwardCounter:
@@ -58,11 +75,10 @@ class ForwardCounter:
 
     forwards: int = 0
     backwards: int = 0
-    _handle: Any = field(default=None, repr=False)
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        # Image batches anywhere in the arguments: Captum's DeepLift calls model((x,), (baseline,))
-        # and joins the two in a hook of its own, so both count.
+    def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook: add the batch sizes of the image tensors in the call's arguments."""
+        # Captum's DeepLift calls model((x,), (baseline,)) and joins them in a hook of its own.
         n = sum(t.shape[0] for t in _tensors(args) if t.dim() == 4)
         if torch.is_grad_enabled():
             self.backwards += n
@@ -82,7 +98,7 @@ def _tensors(args: Any) -> Iterator[torch.Tensor]:
 def count_forwards(model: nn.Module) -> Iterator[ForwardCounter]:
     """Count images forwarded through `model` inside the block; the hook is always removed."""
     counter = ForwardCounter()
-    handle = model.register_forward_pre_hook(counter._hook)
+    handle = model.register_forward_pre_hook(counter.hook)
     try:
         yield counter
     finally:
@@ -109,135 +125,138 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
+class ModelSpeed:
+    """The model's own cost per image on a device: the unit of every bound.
+
+    Times loops of plain forward passes (no autograd) and of forward+backward passes (gradient to
+    the input only, as attribution methods take it) on real inputs, each loop covering at least
+    `min_images` images: a single short call runs faster than a sustained loop on a busy CPU.
+
+    Attributes:
+        batch_size: batch size of every loop, the one with the best forward throughput.
+        per_batch_ms: forward time per image for each batch size tried.
+        forward_ms: the best forward time per image seen so far.
+        forward_backward_ms: the best forward+backward time per image seen so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sample: torch.Tensor,
+        device: torch.device,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        min_images: int = 16,
+    ) -> None:
+        self.model, self.sample, self.device = model, sample, device
+        self.memory_format, self.min_images = memory_format, min_images
+        self.batch_size = 1
+        self.per_batch_ms: dict[int, float] = {}
+        self.forward_ms = float("inf")
+        self.forward_backward_ms = float("inf")
+
+    def _inputs(self, bs: int) -> torch.Tensor:
+        x = self.sample.repeat((-(-bs // len(self.sample)), 1, 1, 1))[:bs]
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
+
+    def _forward(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.model(x)
+
+    def _forward_backward(self, x: torch.Tensor) -> None:
+        xg = x.detach().requires_grad_()
+        torch.autograd.grad(self.model(xg).logsumexp(dim=1).sum(), xg)
+
+    def _loop_ms(self, step: Callable[[torch.Tensor], None], bs: int, repeats: int) -> float:
+        """Best time per image of `repeats` loops of `step` (after one warm-up call)."""
+        x, calls = self._inputs(bs), -(-self.min_images // bs)
+
+        def loop() -> None:
+            for _ in range(calls):
+                step(x)
+
+        _, t = measure(loop, self.device, warmup=lambda: step(x), min_repeats=repeats, max_repeats=repeats)
+        return t.best_ms / (calls * bs)
+
+    def choose_batch_size(
+        self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16), batch_size: int | None = None, repeats: int = 3
+    ) -> int:
+        """Time forward loops at each batch size and keep the fastest (or the given one)."""
+        sizes = [batch_size] if batch_size else list(batch_sizes)
+        self.per_batch_ms = {bs: self._loop_ms(self._forward, bs, repeats) for bs in sizes}
+        self.batch_size = min(self.per_batch_ms, key=self.per_batch_ms.__getitem__)
+        self.forward_ms = self.per_batch_ms[self.batch_size]
+        self.forward_backward_ms = self._loop_ms(self._forward_backward, self.batch_size, repeats)
+        return self.batch_size
+
+    def now(self, forward: bool = True, backward: bool = True) -> tuple[float, float]:
+        """Time one loop of each kind asked for (per image, ms), and keep the best seen."""
+        f = self._loop_ms(self._forward, self.batch_size, 1) if forward else float("nan")
+        b = self._loop_ms(self._forward_backward, self.batch_size, 1) if backward else float("nan")
+        self.forward_ms = min(self.forward_ms, f) if forward else self.forward_ms
+        self.forward_backward_ms = min(self.forward_backward_ms, b) if backward else self.forward_backward_ms
+        return f, b
+
+
 def measure(
     fn: Callable[[], Any],
     device: torch.device,
     *,
     model: nn.Module | None = None,
+    speed: ModelSpeed | None = None,
     warmup: Callable[[], Any] | None = None,
     min_repeats: int = 1,
     max_repeats: int = 5,
     budget_s: float = 2.0,
+    once_above_s: float = float("inf"),
 ) -> tuple[Any, Timing]:
     """Time `fn` after a warm-up, repeating while the time budget lasts.
 
-    A call that takes longer than the budget is timed once (after the warm-up); a cheap call up to
+    A call that takes longer than the budget is timed `min_repeats` times; a cheap call up to
     `max_repeats` times. Returns the output of the last call and the timing.
 
     Args:
         fn: the call to time; it must give the same output each time (seed inside it if random).
         device: where the work runs; CUDA is timed with events.
         model: if given, the images forwarded through it are counted (per call).
+        speed: if given (with `model`), each timed call gets its bound: its forwards and backwards
+            at the model's speed, timed in loops just before and just after the call.
         warmup: call made once before timing (default: `fn` itself); a cheaper call on a slice of
             the input warms the same code paths at a fraction of the cost.
         min_repeats: timed calls at least.
         max_repeats: timed calls at most.
         budget_s: stop repeating once this much time has been spent on timed calls.
+        once_above_s: a first timed call longer than this is not repeated, whatever min_repeats.
     """
-    (warmup or fn)()
+    if model is None:
+        (warmup or fn)()
+    else:
+        with count_forwards(model) as seen:
+            (warmup or fn)()
     synchronize(device)
-    times: list[float] = []
-    counts = (0, 0)
+    timing = Timing([])
     out: Any = None
-    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < budget_s * 1e3):
+    while len(timing.times_ms) < max_repeats and (
+        len(timing.times_ms) < min_repeats or sum(timing.times_ms) < budget_s * 1e3
+    ):
         if model is None:
             out, ms = _timed(fn, device)
         else:
+            kinds = (seen.forwards > 0, seen.backwards > 0)
+            before = speed.now(*kinds) if speed and any(kinds) else None
             with count_forwards(model) as counter:
                 out, ms = _timed(fn, device)
-            counts = (counter.forwards, counter.backwards)
-        times.append(ms)
-    return out, Timing(times, *counts)
-
-
-@dataclass
-class ForwardCost:
-    """The model's own cost per image on this device, the unit of every bound.
-
-    Attributes:
-        batch_size: the batch size with the best forward throughput among those tried.
-        forward_ms: forward time per image at that batch size (no autograd).
-        forward_backward_ms: forward+backward time per image at that batch size.
-        per_batch_ms: forward time per image for each batch size tried.
-    """
-
-    batch_size: int
-    forward_ms: float
-    forward_backward_ms: float
-    per_batch_ms: dict[int, float]
-
-    def best_of(self, other: ForwardCost) -> ForwardCost:
-        """The faster of two measurements at the same batch size (the process warms up over time)."""
-        per_batch = {
-            bs: min(self.per_batch_ms.get(bs, float("inf")), other.per_batch_ms.get(bs, float("inf")))
-            for bs in self.per_batch_ms | other.per_batch_ms
-        }
-        return ForwardCost(
-            self.batch_size,
-            per_batch[self.batch_size],
-            min(self.forward_backward_ms, other.forward_backward_ms),
-            per_batch,
-        )
-
-    def bound_ms(self, timing: Timing) -> float:
-        """Time the forwards and backwards that `timing` counted would take at the model's speed."""
-        return timing.forwards * self.forward_ms + timing.backwards * self.forward_backward_ms
-
-
-def forward_cost(
-    model: nn.Module,
-    sample: torch.Tensor,
-    device: torch.device,
-    batch_sizes: Sequence[int] = (1, 2, 4, 8, 16),
-    batch_size: int | None = None,
-    repeats: int = 3,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    min_images: int = 16,
-) -> ForwardCost:
-    """Measure the model's forward time per image at each batch size, and forward+backward at the best.
-
-    Each timed unit is a loop of calls covering at least `min_images` images, as methods and
-    metrics run: a single short call is faster than a sustained loop on a busy CPU, and would make
-    every bound look tighter than it is. The best of `repeats` units is kept (the model's own speed).
-
-    Args:
-        model: classifier on `device`.
-        sample: `[N, C, H, W]` real inputs, tiled to fill each batch.
-        device: where the model runs.
-        batch_sizes: batch sizes to try.
-        batch_size: if given, measure only this one.
-        repeats: timed units per batch size.
-        memory_format: layout of the inputs, as the job will feed them.
-        min_images: images per timed unit.
-    """
-
-    def tiled(bs: int) -> torch.Tensor:
-        x = sample.repeat((-(-bs // len(sample)), 1, 1, 1))[:bs]
-        return x.to(device).contiguous(memory_format=memory_format)
-
-    def per_image_ms(step: Callable[[torch.Tensor], Any], bs: int) -> float:
-        x, calls = tiled(bs), -(-min_images // bs)
-
-        def unit() -> None:
-            for _ in range(calls):
-                step(x)
-
-        _, t = measure(unit, device, min_repeats=repeats, max_repeats=repeats)
-        return t.best_ms / (calls * bs)
-
-    def forward(x: torch.Tensor) -> None:
-        with torch.no_grad():
-            model(x)
-
-    def forward_backward(x: torch.Tensor) -> None:
-        # Gradient to the input only, as attribution methods take it (no weight gradients).
-        xg = x.detach().requires_grad_()
-        torch.autograd.grad(model(xg).logsumexp(dim=1).sum(), xg)
-
-    sizes = [batch_size] if batch_size else list(batch_sizes)
-    per_batch = {bs: per_image_ms(forward, bs) for bs in sizes}
-    best = min(per_batch, key=per_batch.__getitem__)
-    return ForwardCost(best, per_batch[best], per_image_ms(forward_backward, best), per_batch)
+            timing.forwards, timing.backwards = counter.forwards, counter.backwards
+            if before is not None and speed is not None:
+                after = speed.now(*kinds)
+                per_image = [(a + b) / 2 for a, b in zip(before, after)]
+                timing.bounds_ms.append(
+                    (timing.forwards * per_image[0] if kinds[0] else 0.0)
+                    + (timing.backwards * per_image[1] if kinds[1] else 0.0)
+                )
+        timing.times_ms.append(ms)
+        if ms > once_above_s * 1e3:
+            break
+    return out, timing
 
 
 def peak_memory_mb(device: torch.device) -> float:

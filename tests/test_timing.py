@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from harness.results import bootstrap_ci
-from harness.timing import ForwardCost, Timing, count_forwards, forward_cost, measure
+from harness.timing import ModelSpeed, Timing, count_forwards, measure
 
 
 def test_count_forwards_splits_autograd_from_inference():
@@ -54,16 +54,41 @@ def test_timing_statistics():
     assert t.median_ms == 3.0 and t.best_ms == 1.0 and t.iqr_ms == 2.0
 
 
-def test_bound_counts_forwards_and_backwards():
-    cost = ForwardCost(batch_size=4, forward_ms=2.0, forward_backward_ms=5.0, per_batch_ms={4: 2.0})
-    assert cost.bound_ms(Timing([1.0], forwards=10, backwards=3)) == 35.0
+def test_bound_ratio_is_the_best_paired_ratio():
+    t = Timing([30.0, 20.0, 40.0], bounds_ms=[10.0, 16.0, 20.0])
+    assert t.bound_ratio == 1.25 and t.bound_ms == 10.0
+    assert Timing([1.0]).bound_ratio is None
 
 
-def test_forward_cost_picks_a_tried_batch_size():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
-    cost = forward_cost(model, torch.randn(3, 3, 2, 2), torch.device("cpu"), batch_sizes=(1, 2, 4))
-    assert cost.batch_size in (1, 2, 4) and set(cost.per_batch_ms) == {1, 2, 4}
-    assert cost.forward_ms == min(cost.per_batch_ms.values()) and cost.forward_backward_ms > 0
+def tiny_model():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+
+
+def test_model_speed_picks_a_tried_batch_size():
+    model = tiny_model()
+    speed = ModelSpeed(model, torch.randn(3, 3, 8, 8), torch.device("cpu"), min_images=4)
+    bs = speed.choose_batch_size((1, 2, 4))
+    assert bs in (1, 2, 4) and set(speed.per_batch_ms) == {1, 2, 4}
+    assert speed.forward_ms == min(speed.per_batch_ms.values()) and speed.forward_backward_ms > 0
+    f, b = speed.now(forward=True, backward=False)
+    assert f > 0 and b != b  # nan: not asked for
+    assert speed.forward_ms <= f
+
+
+def test_each_timed_call_gets_a_bound_measured_beside_it():
+    model = tiny_model()
+    x = torch.randn(6, 3, 8, 8)
+    speed = ModelSpeed(model, x, torch.device("cpu"), min_images=4)
+    speed.choose_batch_size((2,))
+
+    def call():
+        with torch.no_grad():
+            model(x)
+        return model(x[:2]).sum()  # 6 images without autograd, 2 with
+
+    _, t = measure(call, torch.device("cpu"), model=model, speed=speed, min_repeats=2, max_repeats=2)
+    assert (t.forwards, t.backwards) == (6, 2) and len(t.bounds_ms) == 2
+    assert all(b > 0 for b in t.bounds_ms) and t.bound_ratio is not None
 
 
 def test_bootstrap_matches_naive_resampling():
@@ -74,3 +99,10 @@ def test_bootstrap_matches_naive_resampling():
     means = v.double().numpy()[idx].mean(axis=1)
     assert np.isclose(lo, np.quantile(means, 0.025)) and np.isclose(hi, np.quantile(means, 0.975))
     assert np.allclose(bootstrap_ci(torch.full((5,), 0.3)), (0.3, 0.3))
+
+
+def test_long_call_is_not_repeated_even_with_min_repeats():
+    import time
+
+    _, t = measure(lambda: time.sleep(0.03), torch.device("cpu"), min_repeats=3, once_above_s=0.01)
+    assert len(t.times_ms) == 1
