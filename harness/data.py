@@ -35,9 +35,7 @@ class Images:
     name: str
 
 
-def _to_model_input(
-    rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def _to_model_input(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """`[H, W, 3]` uint8 -> `[3, size, size]` float32 normalised (plain resize, no crop)."""
     t = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)
     t = TF.resize(t, [size, size], antialias=True).float().div_(255)
@@ -124,16 +122,12 @@ def image_folder(
     """
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise FileNotFoundError(
-            f"data.root={str(root)!r} is not a folder (expected root/<class>/<image>)"
-        )
+        raise FileNotFoundError(f"data.root={str(root)!r} is not a folder (expected root/<class>/<image>)")
     classes = sorted(p.name for p in base.iterdir() if p.is_dir())
     if not classes:
         raise FileNotFoundError(f"data.root={str(root)!r} has no class subfolders")
     index = _class_index(classes)
-    files = sorted(
-        f for c in classes for f in (base / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = sorted(f for c in classes for f in (base / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"data.root={str(root)!r} has no images ({sorted(IMAGE_SUFFIXES)})")
     if num_images is not None:

@@ -72,15 +72,11 @@ class _LiteBlock(nn.Module):
         super().__init__()
         args = block._block_args
         self.expand = (
-            nn.Sequential(block._expand_conv, block._bn0, ReLU6())
-            if args.expand_ratio != 1
-            else None
+            nn.Sequential(block._expand_conv, block._bn0, ReLU6()) if args.expand_ratio != 1 else None
         )
         self.depthwise = nn.Sequential(block._depthwise_conv, block._bn1, ReLU6())
         self.project = nn.Sequential(block._project_conv, block._bn2)
-        self.skip = bool(
-            args.id_skip and args.stride == 1 and args.input_filters == args.output_filters
-        )
+        self.skip = bool(args.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         y = self.expand(x) if self.expand is not None else x

@@ -52,7 +52,7 @@ def markdown(rows: pd.DataFrame) -> str:
         arrow = "↑" if HIGHER_IS_BETTER.get(m, True) else "↓"
         table[f"{m} AUC {arrow}"] = [
             f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
-            for a, lo, hi in zip(rows[f"{m}_auc"], rows[f"{m}_auc_low"], rows[f"{m}_auc_high"])
+            for a, lo, hi in zip(rows[f"{m}_auc"], rows[f"{m}_auc_low"], rows[f"{m}_auc_high"], strict=True)
         ]
     table["method ms/image"] = rows["method_ms_per_image"].map("{:.1f}".format)
     table["method / bound"] = rows["method_bound_ratio"].map(_ratio)
@@ -75,12 +75,16 @@ def _settings_note(rows: pd.DataFrame, metrics: list[str]) -> str:
         cols = sorted(c for c in rows.columns if c.startswith(f"{m}.") and c != f"{m}.chunk_size")
         values = ", ".join(f"{c.split('.', 1)[1]}={_one(rows[c])}" for c in cols)
         parts.append(f"{m}: {values}")
-    device = ", ".join(f"{c}={_one(rows[c])}" for c in ["precision", "channels_last", "gpu_name", "cpu"])
+    device = ", ".join(
+        f"{c}={_one(rows[c])}"
+        for c in ["precision", "channels_last", "batch_size", "torch_threads", "gpu_name", "cpu"]
+    )
     return (
         "Settings: " + "; ".join(parts) + f"; {device}; torch {_one(rows['torch_version'])}, "
         f"captum {_one(rows['captum_version'])}, commit {_one(rows['git_commit'])}. "
         "Intervals: 95% bootstrap over images. Bound: the model's own forward (+backward) time for "
-        "the images the call forwarded, at its best batch size, measured in the same job."
+        "the images the call forwarded, at its best batch size, in loops timed just before and after "
+        "the call; the ratio is the best over repeats."
     )
 
 
@@ -92,25 +96,47 @@ def _one(col: pd.Series) -> str:
 def plot_curves(rows: pd.DataFrame, path: Path) -> None:
     """Mean curve over images per job, with a 95% band (normal approximation over images)."""
     metrics = _metrics(rows)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     labels = _label(rows)
-    for (_, job), label in zip(rows.iterrows(), labels):
-        curves = pd.read_csv(Path(job["job_dir"]) / "curves.csv")
-        for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
+        order = rows[f"{m}_auc"].sort_values(ascending=not HIGHER_IS_BETTER.get(m, True)).index
+        for rank, i in enumerate(order):
+            job = rows.loc[i]
+            curves = pd.read_csv(Path(job["job_dir"]) / "curves.csv")
             c = curves[curves["metric"] == m].pivot(index="image_id", columns="point", values="score")
             x = curves[curves["metric"] == m].groupby("point")["fraction"].first()
             mean, sem = c.mean(), c.std(ddof=1).fillna(0) / math.sqrt(len(c))
-            (line,) = ax.plot(x, mean, label=f"{label} ({job[f'{m}_auc']:.3f})")
-            ax.fill_between(x, mean - 1.96 * sem, mean + 1.96 * sem, color=line.get_color(), alpha=0.15)
-    for ax, m in zip(axes[0], metrics):
-        ax.set(title=f"{m} (AUC)", xlabel="fraction of pixels changed", ylabel="score", xlim=(0, 1))
+            colour = colours[rank % len(colours)]
+            ax.plot(x, mean, color=colour, label=f"{labels[i]} ({job[f'{m}_auc']:.3f})")
+            low, high = (mean - 1.96 * sem).clip(lower=0), (mean + 1.96 * sem).clip(upper=1)
+            ax.fill_between(x, low, high, color=colour, alpha=0.06)
+        best = "higher" if HIGHER_IS_BETTER.get(m, True) else "lower"
+        ax.set(
+            title=f"{m}: mean over images, 95% band (AUC, {best} is better)",
+            xlabel="fraction of pixels changed",
+            ylabel="score",
+            xlim=(0, 1),
+            ylim=(0, 1),
+        )
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
 
+def _display(a: torch.Tensor) -> tuple[torch.Tensor, str, float]:
+    """Map scaled for display: non-negative maps from their minimum to their 99th percentile,
+    signed maps by the 99th percentile of their magnitude (a few extreme pixels set no scale).
+    """
+    if a.min() >= 0:
+        lo, hi = a.min(), torch.quantile(a.flatten(), 0.99)
+        return ((a - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1), "inferno", 0.0
+    scale = torch.quantile(a.abs().flatten(), 0.99).clamp_min(1e-12)
+    return (a / scale).clamp(-1, 1), "bwr", -1.0
+
+
 def plot_grid(rows: pd.DataFrame, path: Path) -> None:
-    """Images (rows) by methods (columns), each map over its image, red positive, blue negative."""
+    """Images (rows) by methods (columns), each map over its image (signed maps: red +, blue -)."""
     jobs = [torch.load(Path(d) / "attributions.pt", weights_only=False) for d in rows["job_dir"]]
     n = len(jobs[0]["ids"])
     fig, axes = plt.subplots(n, len(jobs) + 1, figsize=(1.6 * (len(jobs) + 1), 1.6 * n), squeeze=False)
@@ -119,34 +145,35 @@ def plot_grid(rows: pd.DataFrame, path: Path) -> None:
         axes[i, 0].imshow(image)
         axes[i, 0].set_title(f"{jobs[0]['ids'][i]}\n{jobs[0]['target_names'][i]}", fontsize=6)
         grey = image.mean(axis=2)
-        for j, (job, method) in enumerate(zip(jobs, rows["method"]), start=1):
-            a = job["maps"][i].float()
-            a = a / a.abs().max().clamp_min(1e-12)
+        for j, (job, method) in enumerate(zip(jobs, rows["method"], strict=True), start=1):
+            a, cmap, vmin = _display(job["maps"][i].float())
             axes[i, j].imshow(grey, cmap="gray")
-            axes[i, j].imshow(a.numpy(), cmap="bwr", vmin=-1, vmax=1, alpha=0.6)
+            axes[i, j].imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=1, alpha=0.6)
             if i == 0:
                 axes[i, j].set_title(method, fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path)
+    _save(fig, path, dpi=72)  # a dozen methods by eight images: keep the file small
 
 
 def plot_time_vs_insertion(rows: pd.DataFrame, path: Path) -> None:
     """Cost per image against insertion AUC, with the 95% interval."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (_, r), label in zip(rows.iterrows(), _label(rows)):
+    for (_, r), label in zip(rows.iterrows(), _label(rows), strict=True):
         y, lo, hi = r["insertion_auc"], r["insertion_auc_low"], r["insertion_auc_high"]
         ax.errorbar(r["method_ms_per_image"], y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3)
-        ax.annotate(label, (r["method_ms_per_image"], y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.annotate(
+            label, (r["method_ms_per_image"], y), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
     ax.set(xscale="log", xlabel="method time per image (ms, log)", ylabel="insertion AUC (higher is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
     plt.close(fig)
 
 

@@ -96,9 +96,7 @@ def build(cfg: DictConfig) -> Job:
     metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
-    return Job(
-        cfg, device, clf, data, _function_name(cfg.method), instantiate(cfg.method), metrics, speed
-    )
+    return Job(cfg, device, clf, data, _function_name(cfg.method), instantiate(cfg.method), metrics, speed)
 
 
 def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Tensor:
@@ -113,7 +111,9 @@ def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Te
     if maps.device != inputs.device:
         raise HarnessError(f"method {method} returned maps on {maps.device}; expected {inputs.device}")
     if not torch.isfinite(maps).all():
-        raise HarnessError(f"method {method} returned NaN or inf in {int((~torch.isfinite(maps)).sum())} values")
+        raise HarnessError(
+            f"method {method} returned NaN or inf in {int((~torch.isfinite(maps)).sum())} values"
+        )
     return maps
 
 
@@ -132,7 +132,10 @@ def git_commit() -> str | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO, capture_output=True, text=True, check=True,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -283,8 +286,7 @@ def _maps(job: Job, maps: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
 
 def _headline(row: dict[str, Any], metrics: list[str]) -> str:
     scores = ", ".join(
-        f"{m} {row[f'{m}_auc']:.3f} [{row[f'{m}_auc_low']:.3f}, {row[f'{m}_auc_high']:.3f}]"
-        for m in metrics
+        f"{m} {row[f'{m}_auc']:.3f} [{row[f'{m}_auc_low']:.3f}, {row[f'{m}_auc_high']:.3f}]" for m in metrics
     )
     ratio = row["method_bound_ratio"]
     cost = "no model passes" if ratio is None else f"{ratio:.2f}x its forward bound"
@@ -299,7 +301,8 @@ GROUPS = ("model", "data", "method", "metric", "device", "experiment")
 
 def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
     """Refuse unknown config names in `group=a`, `group=a,b` and `group=[a,b]` overrides, listing
-    the names that exist (Hydra lists them for some forms only). Sweep functions pass unchecked."""
+    the names that exist (Hydra lists them for some forms only). Sweep functions pass unchecked.
+    """
     for arg in overrides:
         key, sep, value = arg.lstrip("+").partition("=")
         if not sep or key not in GROUPS or "(" in value or value in ("null", ""):

@@ -59,7 +59,7 @@ class Timing:
     @property
     def bound_ratio(self) -> float | None:
         """The best ratio of a call's time to its own bound (interference only ever adds time)."""
-        ratios = [t / b for t, b in zip(self.times_ms, self.bounds_ms) if b > 0]
+        ratios = [t / b for t, b in zip(self.times_ms, self.bounds_ms, strict=True) if b > 0]
         return min(ratios) if ratios else None
 
     @property
@@ -248,7 +248,7 @@ def measure(
             timing.forwards, timing.backwards = counter.forwards, counter.backwards
             if before is not None and speed is not None:
                 after = speed.now(*kinds)
-                per_image = [(a + b) / 2 for a, b in zip(before, after)]
+                per_image = [(a + b) / 2 for a, b in zip(before, after, strict=True)]
                 timing.bounds_ms.append(
                     (timing.forwards * per_image[0] if kinds[0] else 0.0)
                     + (timing.backwards * per_image[1] if kinds[1] else 0.0)

@@ -23,15 +23,15 @@ def chunked(
     """
     images = max(1, int(images))
     parts = [
-        fn(inputs[i : i + images], target[i : i + images]).detach()
-        for i in range(0, inputs.shape[0], images)
+        fn(inputs[i : i + images], target[i : i + images]).detach() for i in range(0, inputs.shape[0], images)
     ]
     return torch.cat(parts)
 
 
 def seed_all(seed: int) -> None:
     """Seed every generator that methods draw from: torch's (all devices) and NumPy's global one,
-    which Captum's GradientShap uses for its baselines and interpolation points."""
+    which Captum's GradientShap uses for its baselines and interpolation points.
+    """
     import numpy as np
 
     torch.manual_seed(seed)

@@ -26,9 +26,7 @@ def saliency(
 ) -> torch.Tensor:
     """Absolute input gradient of the target logit (Simonyan et al. 2014, arXiv:1312.6034, eq. 2)."""
     explainer = Saliency(model)
-    return chunked(
-        lambda x, t: explainer.attribute(x, target=t, abs=True), inputs, target, chunk_size
-    )
+    return chunked(lambda x, t: explainer.attribute(x, target=t, abs=True), inputs, target, chunk_size)
 
 
 def input_x_gradient(

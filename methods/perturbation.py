@@ -62,9 +62,7 @@ def occlusion(
     return torch.cat(maps)
 
 
-def rise_masks(
-    grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int], cells: int
-) -> torch.Tensor:
+def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int], cells: int) -> torch.Tensor:
     """RISE masks `[N, 1, H, W]` from binary grids `[N, s, s]` and shifts `[N, 2]`.
 
     Each grid is upsampled bilinearly to (s+1) cells of ceil(H/s) pixels and cropped at its shift
@@ -115,9 +113,7 @@ def rise(
     per_forward = max(1, chunk_size // images)
     saliency = torch.zeros(b, h, w, device=device)
     for lo in range(0, n_masks, per_forward):
-        masks = rise_masks(
-            grids[lo : lo + per_forward], shifts[lo : lo + per_forward], (h, w), cells
-        )
+        masks = rise_masks(grids[lo : lo + per_forward], shifts[lo : lo + per_forward], (h, w), cells)
         for i in range(0, b, images):
             x, t = inputs[i : i + images], target[i : i + images]
             masked = (masks[:, None] * x[None]).flatten(0, 1)  # [m * g, C, H, W], mask-major

@@ -65,9 +65,7 @@ def blur(inputs: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tens
     return F.conv2d(inputs, kernel, padding=size // 2, groups=c)
 
 
-def make_substrate(
-    inputs: torch.Tensor, kind: str, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def make_substrate(inputs: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """The image that replaced pixels come from, in the model's (normalised) input space.
 
     Args:
@@ -147,9 +145,7 @@ def causal_curve(
     if score not in SCORES:
         raise ValueError(f"score={score!r}; expected one of {SCORES}")
     if chunk_size < 1:
-        raise ValueError(
-            f"chunk_size={chunk_size}; expected a positive number of images per forward"
-        )
+        raise ValueError(f"chunk_size={chunk_size}; expected a positive number of images per forward")
     b, c, h, w = start.shape
     hw, points = h * w, steps + 1
     per_step = -(-hw // steps)
@@ -202,9 +198,7 @@ def deletion(
     """
     _check(inputs, attributions, target)
     finish = make_substrate(inputs, substrate)
-    return causal_curve(
-        model, inputs, finish, pixel_rank(attributions), target, steps, score, chunk_size
-    )
+    return causal_curve(model, inputs, finish, pixel_rank(attributions), target, steps, score, chunk_size)
 
 
 def insertion(
@@ -225,6 +219,4 @@ def insertion(
     """
     _check(inputs, attributions, target)
     start = make_substrate(inputs, substrate)
-    return causal_curve(
-        model, start, inputs, pixel_rank(attributions), target, steps, score, chunk_size
-    )
+    return causal_curve(model, start, inputs, pixel_rank(attributions), target, steps, score, chunk_size)

@@ -19,7 +19,9 @@ def write_folder(root: Path, classes: dict[str, list[tuple[int, int, int]]]) -> 
     for name, colours in classes.items():
         (root / name).mkdir(parents=True)
         for i, colour in enumerate(colours):
-            Image.new("RGB", (50, 40), colour).save(root / name / f"img{i}.jpg" if i % 2 else root / name / f"img{i}.png")
+            Image.new("RGB", (50, 40), colour).save(
+                root / name / f"img{i}.jpg" if i % 2 else root / name / f"img{i}.png"
+            )
 
 
 def test_image_folder_reads_classes_labels_and_normalises(tmp_path):
@@ -53,7 +55,7 @@ def test_image_folder_unreadable_image_names_the_file(tmp_path):
 def test_photos_are_the_eight_samples_with_labels():
     data = photos(size=24, mean=MEAN, std=STD)
     assert data.images.shape == (8, 3, 24, 24) and len(data.ids) == 8
-    assert dict(zip(data.ids, data.labels.tolist()))["chelsea"] == 285
+    assert dict(zip(data.ids, data.labels.tolist(), strict=True))["chelsea"] == 285
     with pytest.raises(ValueError, match="num_images=9"):
         photos(24, MEAN, STD, num_images=9)
 
@@ -98,7 +100,7 @@ def test_torchvision_checkpoint_is_loaded(tmp_path):
     torch.save({"state_dict": ref.state_dict()}, path)
     clf = torchvision_classifier("resnet18", "layer4", weights=str(path), num_classes=7, input_size=64)
     assert clf.pretrained and clf.name == "resnet18" and clf.class_names == [str(i) for i in range(7)]
-    for a, b in zip(clf.module.state_dict().values(), ref.state_dict().values()):
+    for a, b in zip(clf.module.state_dict().values(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 

@@ -60,9 +60,7 @@ def test_batch_equals_each_image_alone(name, small_cnn, images):
         torch.testing.assert_close(alone, batch[i : i + 1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n in method_configs() if n not in BATCH_DEPENDENT | {"random"})
-)
+@pytest.mark.parametrize("name", sorted(n for n in method_configs() if n not in BATCH_DEPENDENT | {"random"}))
 def test_chunk_size_does_not_change_the_map(name, small_cnn, images):
     t = torch.tensor([1, 1, 0, 2, 4])
     ref = call(configured(name, chunk_size=1), small_cnn.module, images, t)
@@ -136,7 +134,9 @@ def test_occlusion_peaks_on_the_planted_patch_not_transposed():
 
 def test_occlusion_refuses_windows_that_leave_strips():
     with pytest.raises(ValueError, match="window=8, stride=5"):
-        methods.occlusion(Linear((3, 32, 32)), torch.randn(1, 3, 32, 32), torch.tensor([0]), window=8, stride=5)
+        methods.occlusion(
+            Linear((3, 32, 32)), torch.randn(1, 3, 32, 32), torch.tensor([0]), window=8, stride=5
+        )
 
 
 def test_rise_equals_naive_loop(small_cnn, images):

@@ -136,7 +136,9 @@ def test_pixel_rank_is_stable_descending():
 )
 def test_bad_settings_name_the_value(small_cnn, images, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        deletion(small_cnn.module, images, torch.rand(5, 1, 32, 32), torch.zeros(5, dtype=torch.long), **kwargs)
+        deletion(
+            small_cnn.module, images, torch.rand(5, 1, 32, 32), torch.zeros(5, dtype=torch.long), **kwargs
+        )
 
 
 def test_bad_attributions_are_refused(small_cnn, images):

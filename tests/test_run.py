@@ -31,19 +31,46 @@ def result_files(folder: Path) -> list[Path]:
 def test_sweep_writes_rows_tables_and_plots(tmp_path):
     sweep = tmp_path / "sweep"
     r = harness(
-        "-m", "model=small_cnn", "method=saliency,occlusion", "seed=0,1", "device=cpu",
-        "data.num_images=3", f"hydra.sweep.dir={sweep}",
+        "-m",
+        "model=small_cnn",
+        "method=saliency,occlusion",
+        "seed=0,1",
+        "device=cpu",
+        "data.num_images=3",
+        f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 4 and sorted(summary["method"].unique()) == ["occlusion", "saliency"]
     for col in [
-        "model", "pretrained", "data", "method", "device", "precision", "n_images", "seed",
-        "deletion_auc", "deletion_auc_low", "deletion_auc_high", "insertion_auc",
-        "insertion_auc_low", "insertion_auc_high", "method_ms_per_image", "deletion_ms_per_image",
-        "method_bound_ratio", "deletion_bound_ratio", "insertion_bound_ratio", "peak_mem_mb",
-        "gpu_name", "torch_version", "torchvision_version", "captum_version", "git_commit",
-        "method.window", "deletion.steps", "insertion.substrate",
+        "model",
+        "pretrained",
+        "data",
+        "method",
+        "device",
+        "precision",
+        "n_images",
+        "seed",
+        "deletion_auc",
+        "deletion_auc_low",
+        "deletion_auc_high",
+        "insertion_auc",
+        "insertion_auc_low",
+        "insertion_auc_high",
+        "method_ms_per_image",
+        "deletion_ms_per_image",
+        "method_bound_ratio",
+        "deletion_bound_ratio",
+        "insertion_bound_ratio",
+        "peak_mem_mb",
+        "gpu_name",
+        "torch_version",
+        "torchvision_version",
+        "captum_version",
+        "git_commit",
+        "method.window",
+        "deletion.steps",
+        "insertion.substrate",
     ]:
         assert col in summary.columns, col
     assert (summary["n_images"] == 3).all() and (~summary["pretrained"]).all()
@@ -79,8 +106,14 @@ def test_single_run_with_image_folder(tmp_path):
         Image.new("RGB", (40, 40), colour).save(tmp_path / "data" / cls / "x.png")
     out = tmp_path / "run"
     r = harness(
-        "hydra.mode=RUN", "model=small_cnn", "method=grad_cam", "data=image_folder",
-        f"data.root={tmp_path / 'data'}", "metric=[deletion]", "device=cpu", f"hydra.run.dir={out}",
+        "hydra.mode=RUN",
+        "model=small_cnn",
+        "method=grad_cam",
+        "data=image_folder",
+        f"data.root={tmp_path / 'data'}",
+        "metric=[deletion]",
+        "device=cpu",
+        f"hydra.run.dir={out}",
     )
     assert r.returncode == 0, r.stderr
     row = json.loads((out / "run.json").read_text())
@@ -102,7 +135,11 @@ def test_single_run_with_image_folder(tmp_path):
 )
 def test_bad_input_exits_nonzero_with_one_message_and_no_results(tmp_path, overrides, message):
     r = harness(
-        "-m", "model=small_cnn", "device=cpu", "data.num_images=1", *overrides,
+        "-m",
+        "model=small_cnn",
+        "device=cpu",
+        "data.num_images=1",
+        *overrides,
         f"hydra.sweep.dir={tmp_path}",
     )
     assert r.returncode != 0
