@@ -59,7 +59,8 @@ class Timing:
     @property
     def bound_ratio(self) -> float | None:
         """The best ratio of a call's time to its own bound (interference only ever adds time)."""
-        ratios = [t / b for t, b in zip(self.times_ms, self.bounds_ms, strict=True) if b > 0]
+        # No bounds at all when the call was timed without a model speed.
+        ratios = [t / b for t, b in zip(self.times_ms, self.bounds_ms, strict=False) if b > 0]
         return min(ratios) if ratios else None
 
     @property
