@@ -24,6 +24,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check harness methods metrics tests
 	$(VENV)/bin/ruff format --check harness methods metrics tests
+	$(VENV)/bin/mypy harness methods metrics
 
 clean:
 	rm -rf $(VENV)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -68,7 +69,7 @@ SUPPORTED_NON_LINEAR[ReLU6] = nonlinear
 class _LiteBlock(nn.Module):
     """Inverted residual block of EfficientNet-Lite (no squeeze-excitation, ReLU6)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: Any) -> None:
         super().__init__()
         args = block._block_args
         self.expand = (
@@ -91,7 +92,7 @@ class EfficientNetLite(nn.Module):
     drop-connect and dropout are identities, so they are left out.
     """
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, ReLU6())
         self.blocks = nn.Sequential(*(_LiteBlock(b) for b in net._blocks))
@@ -112,7 +113,7 @@ def _prepare(module: nn.Module) -> nn.Module:
     """Eval mode, no in-place activations (Captum's hooks need the pre-activation values)."""
     for m in module.modules():
         if hasattr(m, "inplace"):
-            m.inplace = False
+            setattr(m, "inplace", False)  # noqa: B010 (typed modules do not declare it)
     return module.eval()
 
 

@@ -97,7 +97,7 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
     """Mean curve over images per job, with a 95% band (normal approximation over images)."""
     metrics = _metrics(rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
-    colours = plt.get_cmap("tab20").colors
+    colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     labels = _label(rows)
     for ax, m in zip(axes[0], metrics, strict=True):
         order = rows[f"{m}_auc"].sort_values(ascending=not HIGHER_IS_BETTER.get(m, True)).index

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32",)
 # Cheap calls repeat while 2 s last, up to 5 times; a call over 2 s is timed once. Each timed call
 # carries its own bound, measured beside it, so a slow minute on the machine slows both alike.
-REPEATS = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
+REPEATS: dict[str, Any] = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
 
 
 class HarnessError(Exception):
@@ -90,7 +90,7 @@ def build(cfg: DictConfig) -> Job:
     clf: Classifier = instantiate(cfg.model)
     data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
     memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-    clf.module.to(device=device, memory_format=memory_format)
+    clf.module.to(device).to(memory_format=memory_format)
     speed = ModelSpeed(clf.module, data.images, device, memory_format)
     cfg.device.batch_size = speed.choose_batch_size(cfg.device.batch_sizes, cfg.device.batch_size)
     metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
@@ -120,7 +120,7 @@ def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Te
 def _params(prefix: str, node: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(node, resolve=True)
     assert isinstance(plain, dict)
-    return {f"{prefix}.{k}": v for k, v in plain.items() if not str(k).startswith("_")}
+    return {f"{prefix}.{k!s}": v for k, v in plain.items() if not str(k).startswith("_")}
 
 
 @cache
@@ -186,11 +186,11 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
     timings = {"method": t_method}
     for name, metric in job.metrics.items():
         curves[name], timings[name] = measure(
-            lambda metric=metric: metric(model, x, maps, target),
+            partial(metric, model, x, maps, target),
             dev,
             model=model,
             speed=job.speed,
-            warmup=lambda metric=metric: metric(model, x[:1], maps[:1], target[:1]),
+            warmup=partial(metric, model, x[:1], maps[:1], target[:1]),
             **REPEATS,
         )
     speed = job.speed
