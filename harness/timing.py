@@ -260,6 +260,25 @@ def measure(
     return out, timing
 
 
+def machine_id() -> str:
+    """A file-name-safe name of this machine for per-machine baselines: CPU model, core count and,
+    where there is one, the GPU's name (e.g. `amd-epyc-2c` or `amd-epyc-16c-nvidia-h100-80gb-hbm3`)."""
+    import os
+    import platform
+    import re
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1] for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    parts = [cpu.strip(), f"{os.cpu_count()}c"]
+    if torch.cuda.is_available():
+        parts.append(torch.cuda.get_device_name(0))
+    return re.sub(r"[^a-z0-9]+", "-", " ".join(parts).lower()).strip("-")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory: CUDA's allocator peak on GPU, else the process's resident high-water mark."""
     if device.type == "cuda":
