@@ -262,7 +262,8 @@ def measure(
 
 def machine_id() -> str:
     """A file-name-safe name of this machine for per-machine baselines: CPU model, core count and,
-    where there is one, the GPU's name (e.g. `amd-epyc-2c` or `amd-epyc-16c-nvidia-h100-80gb-hbm3`)."""
+    where there is one, the GPU's name (e.g. `amd-epyc-2c` or `amd-epyc-16c-nvidia-h100-80gb-hbm3`).
+    """
     import os
     import platform
     import re
