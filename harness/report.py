@@ -77,7 +77,8 @@ def _settings_note(rows: pd.DataFrame, metrics: list[str]) -> str:
         parts.append(f"{m}: {values}")
     device = ", ".join(
         f"{c}={_one(rows[c])}"
-        for c in ["precision", "channels_last", "batch_size", "torch_threads", "gpu_name", "cpu"]
+        for c in ["precision", "channels_last", "batch_size", "torch_threads", "gpu_name", "machine", "cpu"]
+        if c in rows.columns  # runs of older versions lack some
     )
     return (
         "Settings: " + "; ".join(parts) + f"; {device}; torch {_one(rows['torch_version'])}, "

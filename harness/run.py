@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.data import Images
 from harness.models import Classifier
 from harness.results import bootstrap_ci, write_job
-from harness.timing import ModelSpeed, Timing, measure, peak_memory_mb
+from harness.timing import ModelSpeed, Timing, machine_id, measure, peak_memory_mb
 from methods.common import seed_all
 from metrics import Curve
 
@@ -236,8 +236,7 @@ def _environment(dev: torch.device) -> dict[str, Any]:
         "peak_mem_mb": peak_memory_mb(dev),
         "peak_mem_kind": "cuda_allocated" if dev.type == "cuda" else "process_rss",
         "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "method_kernel_ms": None,
-        "cpu": platform.processor() or platform.machine(),
+        "machine": machine_id(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
