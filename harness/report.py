@@ -100,17 +100,22 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
     colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     labels = _label(rows)
+    curves_of = {i: pd.read_csv(Path(d) / "curves.csv") for i, d in rows["job_dir"].items()}
     for ax, m in zip(axes[0], metrics, strict=True):
+        # Probabilities live in [0, 1]; logits do not.
+        probability = f"{m}.score" not in rows or bool((rows[f"{m}.score"] == "softmax").all())
         order = rows[f"{m}_auc"].sort_values(ascending=not HIGHER_IS_BETTER.get(m, True)).index
         for rank, i in enumerate(order):
-            job = rows.loc[i]
-            curves = pd.read_csv(Path(job["job_dir"]) / "curves.csv")
-            c = curves[curves["metric"] == m].pivot(index="image_id", columns="point", values="score")
-            x = curves[curves["metric"] == m].groupby("point")["fraction"].first()
+            job, curves = rows.loc[i], curves_of[i]
+            sub = curves[curves["metric"] == m]
+            c = sub.pivot(index="image_id", columns="point", values="score")
+            x = sub.groupby("point")["fraction"].first()
             mean, sem = c.mean(), c.std(ddof=1).fillna(0) / math.sqrt(len(c))
             colour = colours[rank % len(colours)]
             ax.plot(x, mean, color=colour, label=f"{labels[i]} ({job[f'{m}_auc']:.3f})")
-            low, high = (mean - 1.96 * sem).clip(lower=0), (mean + 1.96 * sem).clip(upper=1)
+            low, high = mean - 1.96 * sem, mean + 1.96 * sem
+            if probability:
+                low, high = low.clip(lower=0), high.clip(upper=1)
             ax.fill_between(x, low, high, color=colour, alpha=0.06)
         best = "higher" if HIGHER_IS_BETTER.get(m, True) else "lower"
         ax.set(
@@ -118,8 +123,9 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
             xlabel="fraction of pixels changed",
             ylabel="score",
             xlim=(0, 1),
-            ylim=(0, 1),
         )
+        if probability:
+            ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)

@@ -154,10 +154,14 @@ class ModelSpeed:
         self.per_batch_ms: dict[int, float] = {}
         self.forward_ms = float("inf")
         self.forward_backward_ms = float("inf")
+        self._tiled: dict[int, torch.Tensor] = {}
 
     def _inputs(self, bs: int) -> torch.Tensor:
-        x = self.sample.repeat((-(-bs // len(self.sample)), 1, 1, 1))[:bs]
-        return x.to(self.device).contiguous(memory_format=self.memory_format)
+        """The sample tiled to `bs` images on the device, built once per batch size."""
+        if bs not in self._tiled:
+            x = self.sample.repeat((-(-bs // len(self.sample)), 1, 1, 1))[:bs]
+            self._tiled[bs] = x.to(self.device).contiguous(memory_format=self.memory_format)
+        return self._tiled[bs]
 
     def _forward(self, x: torch.Tensor) -> None:
         with torch.no_grad():
@@ -167,15 +171,21 @@ class ModelSpeed:
         xg = x.detach().requires_grad_()
         torch.autograd.grad(self.model(xg).logsumexp(dim=1).sum(), xg)
 
-    def _loop_ms(self, step: Callable[[torch.Tensor], None], bs: int, repeats: int) -> float:
-        """Best time per image of `repeats` loops of `step` (after one warm-up call)."""
+    def _loop_ms(
+        self, step: Callable[[torch.Tensor], None], bs: int, repeats: int, warm: bool = False
+    ) -> float:
+        """Best time per image of `repeats` loops of `step`, after one warm-up call unless `warm`."""
         x, calls = self._inputs(bs), -(-self.min_images // bs)
 
         def loop() -> None:
             for _ in range(calls):
                 step(x)
 
-        _, t = measure(loop, self.device, warmup=lambda: step(x), min_repeats=repeats, max_repeats=repeats)
+        def warmup() -> None:
+            if not warm:
+                step(x)
+
+        _, t = measure(loop, self.device, warmup=warmup, min_repeats=repeats, max_repeats=repeats)
         return t.best_ms / (calls * bs)
 
     def choose_batch_size(
@@ -190,9 +200,13 @@ class ModelSpeed:
         return self.batch_size
 
     def now(self, forward: bool = True, backward: bool = True) -> tuple[float, float]:
-        """Time one loop of each kind asked for (per image, ms), and keep the best seen."""
-        f = self._loop_ms(self._forward, self.batch_size, 1) if forward else float("nan")
-        b = self._loop_ms(self._forward_backward, self.batch_size, 1) if backward else float("nan")
+        """Time one loop of each kind asked for (per image, ms), and keep the best seen.
+
+        The shapes were warmed up by `choose_batch_size`, so no warm-up call is spent here.
+        """
+        bs = self.batch_size
+        f = self._loop_ms(self._forward, bs, 1, warm=True) if forward else float("nan")
+        b = self._loop_ms(self._forward_backward, bs, 1, warm=True) if backward else float("nan")
         self.forward_ms = min(self.forward_ms, f) if forward else self.forward_ms
         self.forward_backward_ms = min(self.forward_backward_ms, b) if backward else self.forward_backward_ms
         return f, b
