@@ -1,7 +1,8 @@
 """Results: the flat row of a job, its files, written atomically, and loading them back.
 
 A job folder holds `run.json` (the row), `curves.csv` (metric, image, point, fraction, score),
-`scores.csv` (one row per image: id, label, target, each metric's AUC) and `attributions.pt` (the
+`scores.csv` (one row per image: id, label, target, each metric's AUC), `kernels.csv` (the top
+kernels, or CPU ops, of the method and of each metric, from the profiler) and `attributions.pt` (the
 maps summed over channels, with the display images). `run.json` is written last, so a folder with a
 `run.json` is complete.
 """
@@ -63,14 +64,20 @@ def atomic_write(path: Path, write: Any) -> None:
 def write_job(
     folder: Path,
     row: Mapping[str, Any],
-    curves: pd.DataFrame,
-    scores: pd.DataFrame,
+    tables: Mapping[str, pd.DataFrame],
     maps: Mapping[str, Any],
 ) -> None:
-    """Write a job's files, each atomically, `run.json` last."""
+    """Write a job's files, each atomically, `run.json` last.
+
+    Args:
+        folder: the job's folder.
+        row: the results row.
+        tables: file name (`curves.csv`, ...) to table.
+        maps: what `attributions.pt` holds.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / "curves.csv", lambda p: curves.to_csv(p, index=False))
-    atomic_write(folder / "scores.csv", lambda p: scores.to_csv(p, index=False))
+    for name, table in tables.items():
+        atomic_write(folder / name, lambda p, t=table: t.to_csv(p, index=False))
     atomic_write(folder / "attributions.pt", lambda p: torch.save(dict(maps), p))
     text = json.dumps({k: _json_value(v) for k, v in row.items()}, indent=1, sort_keys=False)
     atomic_write(folder / ROW_FILE, lambda p: p.write_text(text + "\n"))

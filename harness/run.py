@@ -11,7 +11,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -26,77 +26,136 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.data import Images
+from harness.device import (
+    DEFAULT_BATCH_SIZES,
+    MemoryModel,
+    SpeedOptions,
+    available_memory,
+    fitting_sizes,
+    halving_on_oom,
+    image_memory,
+    resolve_device,
+)
+from harness.errors import HarnessError
 from harness.models import Classifier
 from harness.results import bootstrap_ci, write_job
-from harness.timing import ModelSpeed, Timing, machine_id, measure, peak_memory_mb
+from harness.timing import (
+    KernelProfile,
+    ModelSpeed,
+    Timing,
+    machine_id,
+    measure,
+    peak_memory_mb,
+    profile_call,
+)
+from methods import EAGER_ONLY
 from methods.common import seed_all
 from metrics import Curve
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32",)
 # Cheap calls repeat while 2 s last, up to 5 times; a call over 2 s is timed once. Each timed call
 # carries its own bound, measured beside it, so a slow minute on the machine slows both alike.
 REPEATS: dict[str, Any] = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
+# The profiled call covers all images when a timed call took at most this long, else a share of them.
+PROFILE_BUDGET_S = 2.0
+# Kernels (or CPU ops) per method and metric in kernels.csv.
+TOP_KERNELS = 15
 
-
-class HarnessError(Exception):
-    """Bad input: the message names the bad value and what would be right."""
+__all__ = ["HarnessError", "Job", "build", "run_job"]
 
 
 @dataclass
 class Job:
-    """Everything a job needs, built from its config."""
+    """Everything a job needs, built from its config.
+
+    `model` is what methods and metrics call: the classifier's module, compiled when the device
+    config asks for it (`classifier.module` stays eager).
+    """
 
     cfg: DictConfig
     device: torch.device
+    options: SpeedOptions
     classifier: Classifier
+    model: torch.nn.Module
     data: Images
     method_name: str
     method: Any
     metrics: dict[str, Any]
     speed: ModelSpeed
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is cuda when torch sees a GPU, else cpu; `cuda` without one is an error."""
-    if name not in DEVICES:
-        raise HarnessError(f"device.name={name!r}; expected one of {DEVICES}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HarnessError(
-            f"device=cuda but torch {torch.__version__} sees no CUDA GPU "
-            f"(built for CUDA {torch.version.cuda}); use device=cpu or device=auto"
-        )
-    return torch.device(name)
+    memory: dict[str, MemoryModel]
+    memory_budget_mb: float
 
 
 def _function_name(node: DictConfig) -> str:
     return str(node._target_).rsplit(".", 1)[-1]
 
 
-def build(cfg: DictConfig) -> Job:
-    """Instantiate the job's model, data, method and metrics on its device.
+def _check_device_config(node: DictConfig) -> None:
+    budget = node.get("memory_budget")
+    if not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise HarnessError(f"device.memory_budget={budget!r}; expected a fraction of free memory in (0, 1]")
+    for key in ("batch_size", "grad_batch_size"):
+        value = node.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise HarnessError(
+                f"device.{key}={value!r}; expected null (chosen) or a positive number of images"
+            )
+    sizes = node.get("batch_sizes")
+    if sizes is not None and (not sizes or any(not isinstance(b, int) or b < 1 for b in sizes)):
+        raise HarnessError(f"device.batch_sizes={sizes!r}; expected null or a list of positive image counts")
 
-    When `device.batch_size` is null, the model's forward is timed at each of `device.batch_sizes`
-    and the fastest becomes the batch size of every method and metric (through the configs'
-    `${device.batch_size}`), so that they run at the model's best speed.
+
+def build(cfg: DictConfig) -> Job:
+    """Instantiate the job's model, data, method and metrics on its device, with its speed options.
+
+    When `device.batch_size` (plain forwards) or `device.grad_batch_size` (forward+backward) is
+    null, the candidate `device.batch_sizes` that fit the memory budget are timed and the largest at
+    the model's best speed is kept; the method and metric configs take their chunk sizes from these
+    two through `${device.batch_size}` and `${device.grad_batch_size}`.
     """
-    if cfg.device.precision not in PRECISIONS:
-        raise HarnessError(f"device.precision={cfg.device.precision!r}; expected one of {PRECISIONS}")
+    options = SpeedOptions.from_config(cfg.device)
+    _check_device_config(cfg.device)
     device = resolve_device(cfg.device.name)
+    options.apply_backend_flags()
     clf: Classifier = instantiate(cfg.model)
     data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
-    memory_format = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-    clf.module.to(device).to(memory_format=memory_format)
-    speed = ModelSpeed(clf.module, data.images, device, memory_format)
-    cfg.device.batch_size = speed.choose_batch_size(cfg.device.batch_sizes, cfg.device.batch_size)
+    clf.module.to(device).to(memory_format=options.memory_format)
+    model = options.compiled(clf.module)
+    free = available_memory(device)
+    budget = float(cfg.device.memory_budget) * free
+    sizes = list(cfg.device.batch_sizes or DEFAULT_BATCH_SIZES[device.type])
+    speed = ModelSpeed(model, data.images, device, options.memory_format)
+    with options.autocast(device):
+        memory = {
+            kind: image_memory(clf.module, data.images, device, grad, options.memory_format)
+            for kind, grad in (("forward", False), ("forward_backward", True))
+        }
+        candidates = {}
+        for key, kind in (("batch_size", "forward"), ("grad_batch_size", "forward_backward")):
+            fixed = cfg.device[key]
+            candidates[key] = [fixed] if fixed else fitting_sizes(sizes, memory[kind], budget, kind)
+        cfg.device.batch_size, cfg.device.grad_batch_size = speed.choose(
+            candidates["batch_size"], candidates["grad_batch_size"]
+        )
     metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
-    return Job(cfg, device, clf, data, _function_name(cfg.method), instantiate(cfg.method), metrics, speed)
+    method = instantiate(cfg.method)
+    return Job(
+        cfg,
+        device,
+        options,
+        clf,
+        model,
+        data,
+        _function_name(cfg.method),
+        method,
+        metrics,
+        speed,
+        memory,
+        budget / 2**20,
+    )
 
 
 def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Tensor:
@@ -142,7 +201,49 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
-def _timing_fields(prefix: str, t: Timing, n: int) -> dict[str, Any]:
+@dataclass
+class Measured:
+    """A timed and profiled call: its output, timing, chunk size, retries and profile."""
+
+    out: Any
+    timing: Timing
+    chunk_size: int | None
+    oom_retries: int
+    profile: KernelProfile
+    profiled_images: int
+
+
+def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, n: int, what: str) -> Measured:
+    """Time `call(rows, chunk_size)` on all `n` images (after a warm-up on one), halving the chunk on
+    out-of-memory, then profile one call: on all images when a timed call took at most
+    `PROFILE_BUDGET_S`, else on the share of them that takes about that long.
+    """
+
+    def attempt(c: int | None) -> tuple[Any, Timing]:
+        return measure(
+            lambda: call(slice(None), c),
+            job.device,
+            model=model,
+            speed=job.speed,
+            warmup=lambda: call(slice(0, 1), c),
+            **REPEATS,
+        )
+
+    if chunk is None:
+        (out, timing), retries = attempt(None), 0
+    else:
+        (out, timing), chunk, retries = halving_on_oom(attempt, chunk, job.device, what)
+    k = (
+        n
+        if timing.median_ms <= PROFILE_BUDGET_S * 1e3
+        else max(1, int(n * PROFILE_BUDGET_S * 1e3 / timing.median_ms))
+    )
+    profile = profile_call(lambda: call(slice(0, k), chunk), job.device)
+    return Measured(out, timing, chunk, retries, profile, k)
+
+
+def _timing_fields(prefix: str, m: Measured, n: int) -> dict[str, Any]:
+    t, p, k = m.timing, m.profile, m.profiled_images
     bound = t.bound_ms
     return {
         f"{prefix}_ms_per_image": t.median_ms / n,
@@ -153,46 +254,52 @@ def _timing_fields(prefix: str, t: Timing, n: int) -> dict[str, Any]:
         f"{prefix}_backwards_per_image": t.backwards / n,
         f"{prefix}_bound_ms_per_image": None if bound is None else bound / n,
         f"{prefix}_bound_ratio": t.bound_ratio,
+        f"{prefix}_chunk_size": m.chunk_size,
+        f"{prefix}_oom_retries": m.oom_retries,
+        f"{prefix}_kernel_ms_per_image": p.total_ms / k,
+        f"{prefix}_kernel_forward_ms_per_image": p.forward_ms / k,
+        f"{prefix}_kernel_backward_ms_per_image": p.backward_ms / k,
+        # Kernel (CPU: op) time over the wall time of the timed calls, per image.
+        f"{prefix}_busy": (p.total_ms / k) / (t.median_ms / n) if t.median_ms > 0 else None,
+        f"{prefix}_top_kernel": p.table[0]["name"] if p.table else None,
+        f"{prefix}_profiled_images": k,
     }
 
 
 def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run one job and write its results into `out`; returns the results row."""
     job = build(cfg)
-    model, dev, seed = job.classifier.module, job.device, int(cfg.seed)
-    fmt = torch.channels_last if cfg.device.channels_last else torch.contiguous_format
-    x = job.data.images.to(dev).contiguous(memory_format=fmt)
+    dev, seed, opts = job.device, int(cfg.seed), job.options
+    eager = job.classifier.module
+    x = job.data.images.to(dev).contiguous(memory_format=opts.memory_format)
     n = len(x)
-    with torch.no_grad():
-        probs = model(x).float().softmax(dim=1)
+    with torch.no_grad():  # the class to explain: the eager model's top-1 in fp32, whatever the options
+        probs = eager(x).float().softmax(dim=1)
     target = probs.argmax(dim=1)
+    method_model = eager if job.method_name in EAGER_ONLY else job.model
 
-    def attribute(xs: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    def attribute(rows: slice, chunk: int | None) -> torch.Tensor:
         seed_all(seed)  # stochastic methods: the same draws on every call
-        return job.method(model, xs, ts)
+        sizes = {} if chunk is None else {"chunk_size": chunk}
+        return job.method(method_model, x[rows], target[rows], **sizes)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    maps, t_method = measure(
-        lambda: attribute(x, target),
-        dev,
-        model=model,
-        speed=job.speed,
-        warmup=lambda: attribute(x[:1], target[:1]),
-        **REPEATS,
-    )
-    maps = check_attributions(maps, x, job.method_name).detach()
+    chunk = job.method.keywords.get("chunk_size")
+    with opts.autocast(dev):
+        measured = {"method": _measure(job, method_model, attribute, chunk, n, f"method {job.method_name}")}
+    maps = check_attributions(measured["method"].out, x, job.method_name).detach().float()
     curves: dict[str, Curve] = {}
-    timings = {"method": t_method}
     for name, metric in job.metrics.items():
-        curves[name], timings[name] = measure(
-            partial(metric, model, x, maps, target),
-            dev,
-            model=model,
-            speed=job.speed,
-            warmup=partial(metric, model, x[:1], maps[:1], target[:1]),
-            **REPEATS,
-        )
+
+        def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
+            return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
+
+        with opts.autocast(dev):
+            measured[name] = _measure(
+                job, job.model, score, metric.keywords["chunk_size"], n, f"metric {name}"
+            )
+        curves[name] = measured[name].out
     speed = job.speed  # best loop times seen, the bound's measurements included
     row: dict[str, Any] = {
         "model": job.classifier.name,
@@ -201,27 +308,49 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "method": job.method_name,
         "device": dev.type,
         "device_config": cfg.device.name,
-        "precision": cfg.device.precision,
-        "channels_last": bool(cfg.device.channels_last),
+        **opts.row(),
+        "method_compiled": opts.compile is not None and method_model is not eager,
         "n_images": n,
         "seed": seed,
         "input_size": job.classifier.input_size,
         "batch_size": speed.batch_size,
+        "grad_batch_size": speed.grad_batch_size,
+        "memory_budget": float(cfg.device.memory_budget),
+        "memory_budget_mb": job.memory_budget_mb,
+        "forward_mb_per_image": job.memory["forward"].per_image / 2**20,
+        "forward_backward_mb_per_image": job.memory["forward_backward"].per_image / 2**20,
+        "memory_estimate": job.memory["forward"].how,
         "top1_equals_label": _agreement(target, job.data.labels),
         "forward_ms_per_image": speed.forward_ms,
         "forward_backward_ms_per_image": speed.forward_backward_ms,
         "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms.items()},
-        **_timing_fields("method", t_method, n),
+        "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
+        "kernel_kind": measured["method"].profile.kind,
+        **_timing_fields("method", measured["method"], n),
         **_params("method", cfg.method),
     }
     for name, curve in curves.items():
         low, high = bootstrap_ci(curve.auc, seed=seed)
         row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
-        row |= _timing_fields(name, timings[name], n) | _params(name, cfg.metric[name])
+        row |= _timing_fields(name, measured[name], n) | _params(name, cfg.metric[name])
     row |= _environment(dev)
-    write_job(out, row, *_tables(job, curves, target, probs), _maps(job, maps, target))
+    curves_df, scores_df = _tables(job, curves, target, probs)
+    tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": _kernels(measured)}
+    write_job(out, row, tables, _maps(job, maps, target))
     log.info(_headline(row, list(curves)))
     return row
+
+
+def _kernels(measured: dict[str, Measured]) -> pd.DataFrame:
+    """The top kernels (CPU: ops) of the method and of each metric, time per image and share."""
+    rows = []
+    for phase, m in measured.items():
+        total, k = m.profile.total_ms, m.profiled_images
+        for r in m.profile.table[:TOP_KERNELS]:
+            share = r["ms"] / total if total > 0 else None
+            rows.append({"phase": phase, **r, "ms_per_image": r["ms"] / k, "share": share})
+    columns = ["phase", "name", "pass", "calls", "ms_per_image", "share"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _agreement(target: torch.Tensor, labels: torch.Tensor) -> float | None:

@@ -126,6 +126,24 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
+def forward_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One plain forward pass, no autograd: what perturbation methods and the curves pay per image."""
+    with torch.no_grad():
+        model(x)
+
+
+def forward_backward_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One forward+backward pass to the input only, as attribution methods take gradients."""
+    xg = x.detach().requires_grad_()
+    torch.autograd.grad(model(xg).float().logsumexp(dim=1).sum(), xg)
+
+
+def fastest(per_image_ms: dict[int, float], tolerance: float = 0.05) -> int:
+    """The largest batch size whose time per image is within `tolerance` of the best one's."""
+    best = min(per_image_ms.values())
+    return max(b for b, ms in per_image_ms.items() if ms <= best * (1 + tolerance))
+
+
 class ModelSpeed:
     """The model's own cost per image on a device: the unit of every bound.
 
@@ -134,9 +152,11 @@ class ModelSpeed:
     `min_images` images: a single short call runs faster than a sustained loop on a busy CPU.
 
     Attributes:
-        batch_size: batch size of every loop, the one with the best forward throughput.
+        batch_size: images per plain forward in the loops: the largest candidate at the best speed.
+        grad_batch_size: images per forward+backward, chosen the same way.
         per_batch_ms: forward time per image for each batch size tried.
-        forward_ms: the best forward time per image seen so far.
+        per_batch_backward_ms: forward+backward time per image for each batch size tried.
+        forward_ms: the best forward time per image seen so far (at `batch_size`).
         forward_backward_ms: the best forward+backward time per image seen so far.
     """
 
@@ -150,8 +170,9 @@ class ModelSpeed:
     ) -> None:
         self.model, self.sample, self.device = model, sample, device
         self.memory_format, self.min_images = memory_format, min_images
-        self.batch_size = 1
+        self.batch_size = self.grad_batch_size = 1
         self.per_batch_ms: dict[int, float] = {}
+        self.per_batch_backward_ms: dict[int, float] = {}
         self.forward_ms = float("inf")
         self.forward_backward_ms = float("inf")
         self._tiled: dict[int, torch.Tensor] = {}
@@ -163,50 +184,43 @@ class ModelSpeed:
             self._tiled[bs] = x.to(self.device).contiguous(memory_format=self.memory_format)
         return self._tiled[bs]
 
-    def _forward(self, x: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.model(x)
-
-    def _forward_backward(self, x: torch.Tensor) -> None:
-        xg = x.detach().requires_grad_()
-        torch.autograd.grad(self.model(xg).logsumexp(dim=1).sum(), xg)
-
-    def _loop_ms(
-        self, step: Callable[[torch.Tensor], None], bs: int, repeats: int, warm: bool = False
-    ) -> float:
-        """Best time per image of `repeats` loops of `step`, after one warm-up call unless `warm`."""
+    def _loop_ms(self, grad: bool, bs: int, repeats: int, warm: bool = False) -> float:
+        """Best time per image of `repeats` loops, after one warm-up call unless `warm`."""
         x, calls = self._inputs(bs), -(-self.min_images // bs)
+        step = forward_backward_step if grad else forward_step
 
         def loop() -> None:
             for _ in range(calls):
-                step(x)
+                step(self.model, x)
 
         def warmup() -> None:
             if not warm:
-                step(x)
+                step(self.model, x)
 
         _, t = measure(loop, self.device, warmup=warmup, min_repeats=repeats, max_repeats=repeats)
         return t.best_ms / (calls * bs)
 
-    def choose_batch_size(
-        self, batch_sizes: Sequence[int] = (1, 2, 4, 8, 16), batch_size: int | None = None, repeats: int = 3
-    ) -> int:
-        """Time forward loops at each batch size and keep the fastest (or the given one)."""
-        sizes = [batch_size] if batch_size else list(batch_sizes)
-        self.per_batch_ms = {bs: self._loop_ms(self._forward, bs, repeats) for bs in sizes}
-        self.batch_size = min(self.per_batch_ms, key=self.per_batch_ms.__getitem__)
+    def choose(
+        self, forward_sizes: Sequence[int], backward_sizes: Sequence[int], repeats: int = 3
+    ) -> tuple[int, int]:
+        """Time loops at each candidate size and keep, for each kind of pass, the largest size that
+        runs within 5% of the best time per image (on a GPU, the largest that fits).
+        """
+        self.per_batch_ms = {bs: self._loop_ms(False, bs, repeats) for bs in sorted(forward_sizes)}
+        self.per_batch_backward_ms = {bs: self._loop_ms(True, bs, repeats) for bs in sorted(backward_sizes)}
+        self.batch_size = fastest(self.per_batch_ms)
+        self.grad_batch_size = fastest(self.per_batch_backward_ms)
         self.forward_ms = self.per_batch_ms[self.batch_size]
-        self.forward_backward_ms = self._loop_ms(self._forward_backward, self.batch_size, repeats)
-        return self.batch_size
+        self.forward_backward_ms = self.per_batch_backward_ms[self.grad_batch_size]
+        return self.batch_size, self.grad_batch_size
 
     def now(self, forward: bool = True, backward: bool = True) -> tuple[float, float]:
         """Time one loop of each kind asked for (per image, ms), and keep the best seen.
 
-        The shapes were warmed up by `choose_batch_size`, so no warm-up call is spent here.
+        The shapes were warmed up by `choose`, so no warm-up call is spent here.
         """
-        bs = self.batch_size
-        f = self._loop_ms(self._forward, bs, 1, warm=True) if forward else float("nan")
-        b = self._loop_ms(self._forward_backward, bs, 1, warm=True) if backward else float("nan")
+        f = self._loop_ms(False, self.batch_size, 1, warm=True) if forward else float("nan")
+        b = self._loop_ms(True, self.grad_batch_size, 1, warm=True) if backward else float("nan")
         self.forward_ms = min(self.forward_ms, f) if forward else self.forward_ms
         self.forward_backward_ms = min(self.forward_backward_ms, b) if backward else self.forward_backward_ms
         return f, b
@@ -300,3 +314,84 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+BACKWARD_SCOPE = "autograd::engine::evaluate_function"
+
+
+@dataclass
+class KernelProfile:
+    """Where one profiled call's time goes, from `torch.profiler`.
+
+    On CUDA the times are GPU kernel times; on CPU they are the self times of the ATen ops (the CPU
+    has no kernels apart from its ops). Backward means run inside autograd's backward pass.
+
+    Attributes:
+        kind: `cuda_kernels` or `cpu_ops`.
+        total_ms: kernel (or op) time of the call.
+        forward_ms: of which outside the backward pass.
+        backward_ms: of which inside it.
+        wall_ms: wall time of the profiled call (the profiler's overhead included).
+        table: one row per kernel name and pass: `name`, `pass`, `calls`, `ms`, sorted by time.
+    """
+
+    kind: str
+    total_ms: float
+    forward_ms: float
+    backward_ms: float
+    wall_ms: float
+    table: list[dict[str, Any]]
+
+
+def _in_backward(event: Any) -> bool:
+    while event is not None:
+        if event.name.startswith(BACKWARD_SCOPE):
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def profile_call(fn: Callable[[], Any], device: torch.device) -> KernelProfile:
+    """Run `fn` once under `torch.profiler` and sum its kernel (CUDA) or op (CPU) times.
+
+    Call it after a warm-up: the first call's one-off costs are not what this measures.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    totals: dict[tuple[str, str], list[float]] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # CUDA kernels are read from the CPU event that launched them
+        kernels = (
+            [(k.name, k.duration) for k in event.kernels]
+            if cuda
+            else [(event.name, event.self_cpu_time_total)]
+        )
+        if not kernels:
+            continue
+        phase = "backward" if _in_backward(event) else "forward"
+        for name, us in kernels:
+            entry = totals.setdefault((name, phase), [0, 0.0])
+            entry[0] += 1
+            entry[1] += us / 1e3
+    table = [
+        {"name": name, "pass": phase, "calls": int(calls), "ms": ms}
+        for (name, phase), (calls, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])
+    ]
+    by_pass = {p: sum(ms for (_, q), (_, ms) in totals.items() if q == p) for p in ("forward", "backward")}
+    return KernelProfile(
+        "cuda_kernels" if cuda else "cpu_ops",
+        by_pass["forward"] + by_pass["backward"],
+        by_pass["forward"],
+        by_pass["backward"],
+        wall_ms,
+        table,
+    )

@@ -13,7 +13,12 @@ from methods.gradient import (
 )
 from methods.perturbation import occlusion, rise
 
+# Methods that hook or rewrite modules inside the model (Captum's module hooks): they get the eager
+# model even when the device config compiles it, and the row says so (`method_compiled: false`).
+EAGER_ONLY = frozenset({"deeplift", "grad_cam", "guided_backprop", "guided_grad_cam"})
+
 __all__ = [
+    "EAGER_ONLY",
     "deeplift",
     "grad_cam",
     "gradient_shap",

@@ -66,7 +66,10 @@ def test_chunk_size_does_not_change_the_map(name, small_cnn, images):
     ref = call(configured(name, chunk_size=1), small_cnn.module, images, t)
     for chunk in (3, 16):
         other = call(configured(name, chunk_size=chunk), small_cnn.module, images, t)
-        torch.testing.assert_close(other, ref, rtol=1e-4, atol=1e-6)
+        # fp32: the same map to 1e-5 of its scale: its largest value, or for occlusion (differences
+        # of probabilities, which carry the probabilities' rounding) the probability range, 1.
+        scale = 1.0 if name == "occlusion" else float(ref.abs().max())
+        torch.testing.assert_close(other, ref, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_saliency_of_linear_model_is_abs_weight():

@@ -62,6 +62,7 @@ def test_curve_invariant_to_chunk_and_batch(small_cnn, images, metric):
     for chunk in (4, 7, 64):
         other = metric(small_cnn.module, images, a, t, steps=9, chunk_size=chunk)
         torch.testing.assert_close(other.scores, ref.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other.auc, ref.auc, rtol=0, atol=1e-6)
     alone = metric(small_cnn.module, images[2:3], a[2:3], t[2:3], steps=9)
     torch.testing.assert_close(alone.scores[0], ref.scores[2], rtol=1e-5, atol=1e-6)
 

@@ -6,7 +6,16 @@ import numpy as np
 import torch
 
 from harness.results import bootstrap_ci
-from harness.timing import ModelSpeed, Timing, count_forwards, measure
+from harness.timing import (
+    ModelSpeed,
+    Timing,
+    count_forwards,
+    fastest,
+    forward_backward_step,
+    forward_step,
+    measure,
+    profile_call,
+)
 
 
 def test_count_forwards_splits_autograd_from_inference():
@@ -64,12 +73,14 @@ def tiny_model():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
 
 
-def test_model_speed_picks_a_tried_batch_size():
+def test_model_speed_picks_tried_batch_sizes():
     model = tiny_model()
     speed = ModelSpeed(model, torch.randn(3, 3, 8, 8), torch.device("cpu"), min_images=4)
-    bs = speed.choose_batch_size((1, 2, 4))
+    bs, grad_bs = speed.choose((1, 2, 4), (1, 2))
     assert bs in (1, 2, 4) and set(speed.per_batch_ms) == {1, 2, 4}
-    assert speed.forward_ms == min(speed.per_batch_ms.values()) and speed.forward_backward_ms > 0
+    assert grad_bs in (1, 2) and set(speed.per_batch_backward_ms) == {1, 2}
+    assert speed.forward_ms == speed.per_batch_ms[bs] <= 1.05 * min(speed.per_batch_ms.values())
+    assert speed.forward_backward_ms == speed.per_batch_backward_ms[grad_bs] > 0
     f, b = speed.now(forward=True, backward=False)
     assert f > 0 and b != b  # nan: not asked for
     assert speed.forward_ms <= f
@@ -79,7 +90,7 @@ def test_each_timed_call_gets_a_bound_measured_beside_it():
     model = tiny_model()
     x = torch.randn(6, 3, 8, 8)
     speed = ModelSpeed(model, x, torch.device("cpu"), min_images=4)
-    speed.choose_batch_size((2,))
+    speed.choose((2,), (2,))
 
     def call():
         with torch.no_grad():
@@ -106,3 +117,24 @@ def test_long_call_is_not_repeated_even_with_min_repeats():
 
     _, t = measure(lambda: time.sleep(0.03), torch.device("cpu"), min_repeats=3, once_above_s=0.01)
     assert len(t.times_ms) == 1
+
+
+def test_fastest_is_the_largest_size_near_the_best_time():
+    assert fastest({1: 3.0, 8: 1.0, 16: 1.04, 32: 1.2}) == 16
+    assert fastest({1: 3.0, 8: 1.0, 16: 1.04, 32: 1.2}, tolerance=0.0) == 8
+
+
+def test_profile_splits_forward_and_backward_op_time():
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)  # materialise the lazy layer
+    p = profile_call(lambda: forward_step(model, x), torch.device("cpu"))
+    assert p.kind == "cpu_ops" and p.total_ms > 0 and p.backward_ms == 0
+    assert {r["pass"] for r in p.table} == {"forward"} and p.total_ms <= p.wall_ms
+    p = profile_call(lambda: forward_backward_step(model, x), torch.device("cpu"))
+    assert p.forward_ms > 0 and p.backward_ms > 0
+    assert abs(p.forward_ms + p.backward_ms - p.total_ms) < 1e-9 and p.total_ms <= p.wall_ms
+    names = {(r["name"], r["pass"]) for r in p.table}
+    assert ("aten::convolution_backward", "backward") in names
+    assert any(n.startswith("aten::") and "conv" in n and q == "forward" for n, q in names)
+    assert p.table == sorted(p.table, key=lambda r: -r["ms"])

@@ -1,0 +1,296 @@
+"""Where and how a job runs: the device, its speed options, and the memory budget for chunks.
+
+Speed options, each recorded in the results row: autocast precision (`fp32`, `bf16`, `fp16`),
+channels_last, cuDNN benchmark, TF32, and `torch.compile` with a selectable mode.
+
+The memory budget replaces hand-set batch sizes. One chunk (the images that go through the model in
+one forward, or one forward+backward) may use `memory_budget` times the free GPU memory, or times the
+available RAM on CPU. A model's memory grows linearly with the batch: on CUDA the allocator's peak
+is measured at two batch sizes, on CPU the activation sizes are summed (there is no allocator peak to
+read). The chunk sizes that fit are candidates; the harness times them and keeps the largest that
+runs at the model's best speed. A chunk that still runs out of memory is halved and retried; the
+chunk used and the retries go in the row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.timing import forward_backward_step, forward_step
+
+log = logging.getLogger("harness")
+T = TypeVar("T")
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MiB = 2**20
+# Candidate chunk sizes when the device config gives none: small on CPU, where large batches run no
+# faster per image; up to 512 on a GPU, where they fill the device.
+DEFAULT_BATCH_SIZES = {"cpu": (1, 2, 4, 8, 16), "cuda": (8, 16, 32, 64, 128, 256, 512)}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is cuda when torch sees a GPU, else cpu; `cuda` without one is an error."""
+    if name not in DEVICES:
+        raise HarnessError(f"device.name={name!r}; expected one of {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(
+            f"device=cuda but torch {torch.__version__} sees no CUDA GPU "
+            f"(built for CUDA {torch.version.cuda}); use device=cpu or device=auto"
+        )
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """How the model runs. Everything but `precision` and `compile` is exact in fp32 up to the order
+    of floating-point sums; `tf32` and `cudnn_benchmark` act on CUDA only.
+
+    Attributes:
+        precision: `fp32` (no autocast), `bf16` or `fp16` autocast around every model call.
+        channels_last: NHWC memory format for the model and its inputs.
+        cudnn_benchmark: let cuDNN time its convolution algorithms per input shape.
+        tf32: TensorFloat-32 matmuls and convolutions on Ampere and later GPUs.
+        compile: a `torch.compile` mode, or None for eager execution.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    tf32: bool = False
+    compile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise HarnessError(f"device.precision={self.precision!r}; expected one of {tuple(PRECISIONS)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise HarnessError(f"device.compile={self.compile!r}; expected null or one of {COMPILE_MODES}")
+
+    @classmethod
+    def from_config(cls, node: Any) -> SpeedOptions:
+        """From a device config (missing keys take the defaults)."""
+        return cls(
+            precision=str(node.get("precision", "fp32")),
+            channels_last=bool(node.get("channels_last", False)),
+            cudnn_benchmark=bool(node.get("cudnn_benchmark", False)),
+            tf32=bool(node.get("tf32", False)),
+            compile=node.get("compile"),
+        )
+
+    @property
+    def memory_format(self) -> torch.memory_format:  # noqa: D102
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """Autocast to the chosen precision (a no-op for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def apply_backend_flags(self) -> None:
+        """Set the process-wide backend flags, both ways: jobs of a sweep share a process."""
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """The module compiled in the chosen mode (sharing its parameters), or itself when eager."""
+        if self.compile is None:
+            return module
+        return torch.compile(module, mode=self.compile)  # type: ignore[return-value]
+
+    def row(self) -> dict[str, Any]:
+        """The options as results-row fields."""
+        return {
+            "precision": self.precision,
+            "channels_last": self.channels_last,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "tf32": self.tf32,
+            "compile": self.compile,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes a batch of `b` images needs in one kind of pass: `fixed + per_image * b`.
+
+    Attributes:
+        fixed: bytes whatever the batch (workspaces, a compiled graph's buffers).
+        per_image: bytes per image: the input and the activations that live at once.
+        how: `allocator` (CUDA's peak, measured at two batch sizes) or `activations` (sizes summed
+            over one forward; an estimate).
+    """
+
+    fixed: float
+    per_image: float
+    how: str
+
+    def bytes(self, batch: int) -> float:  # noqa: D102
+        return self.fixed + self.per_image * batch
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process could still use: free GPU memory plus the allocator's unused cache, or on
+    CPU the kernel's MemAvailable.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _activation_memory(model: nn.Module, image: torch.Tensor, grad: bool) -> MemoryModel:
+    """Estimate from one image's activations: with autograd every leaf module's output is kept for
+    the backward pass, which then holds a gradient of the same size (twice their sum); without,
+    only a layer's input and output live at once (the largest such pair).
+    """
+    pairs: list[int] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        pairs.append(_nbytes(args) + _nbytes(out))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(image)
+    finally:
+        for h in handles:
+            h.remove()
+    x = _nbytes(image)
+    per_image = 2 * (x + sum(pairs)) if grad else x + max(pairs, default=0)
+    return MemoryModel(0.0, float(per_image), "activations")
+
+
+def _allocator_memory(model: nn.Module, tile: Callable[[int], torch.Tensor], grad: bool) -> MemoryModel:
+    """CUDA's allocator peak over one pass at 1 and at 8 images; the slope is the cost per image."""
+    device = next(model.parameters()).device
+    step = forward_backward_step if grad else forward_step
+    peaks = {}
+    for b in (1, 8):
+        x = tile(b)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(model, x)
+        torch.cuda.synchronize(device)
+        peaks[b] = torch.cuda.max_memory_allocated(device) - base + _nbytes(x)
+        del x
+    per_image = max((peaks[8] - peaks[1]) / 7, peaks[8] / 8 / 4)  # rounding of small blocks: floor
+    return MemoryModel(max(0.0, peaks[1] - per_image), per_image, "allocator")
+
+
+def image_memory(
+    model: nn.Module,
+    sample: torch.Tensor,
+    device: torch.device,
+    grad: bool,
+    memory_format: torch.memory_format,
+) -> MemoryModel:
+    """Memory that batches of `sample`'s images need on `device`, with or without autograd."""
+
+    def tile(b: int) -> torch.Tensor:
+        x = sample.repeat((-(-b // len(sample)), 1, 1, 1))[:b]
+        return x.to(device).contiguous(memory_format=memory_format)
+
+    if device.type == "cuda":
+        return _allocator_memory(model, tile, grad)
+    return _activation_memory(model, tile(1), grad)
+
+
+def fitting_sizes(sizes: Sequence[int], memory: MemoryModel, budget: float, what: str) -> list[int]:
+    """The candidate chunk sizes whose memory fits the budget; an error when not even the smallest does."""
+    fits = sorted(b for b in sizes if memory.bytes(b) <= budget)
+    if not fits:
+        need = memory.bytes(min(sizes)) / MiB
+        raise HarnessError(
+            f"no chunk size of {sorted(sizes)} fits the memory budget for {what}: {budget / MiB:.0f} MiB "
+            f"(device.memory_budget times the free memory) < {need:.0f} MiB for {min(sizes)} image(s); "
+            "raise device.memory_budget, free memory, or use a smaller model.input_size"
+        )
+    return fits
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure to allocate."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def halving_on_oom(
+    call: Callable[[int], T], chunk: int, device: torch.device, what: str
+) -> tuple[T, int, int]:
+    """`call(chunk)`, halving `chunk` after each out-of-memory error.
+
+    Returns the result, the chunk size that ran and the number of retries. Running out of memory at
+    a chunk of one image is an error that says so.
+    """
+    retries = 0
+    while True:
+        try:
+            return call(chunk), chunk, retries
+        except Exception as e:  # only out-of-memory is retried
+            if not is_out_of_memory(e):
+                raise
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _free(device)
+        if chunk <= 1:
+            raise HarnessError(f"{what} ran out of {device.type} memory with one image per chunk: {message}")
+        log.warning("%s ran out of memory at chunk_size=%d; retrying with %d", what, chunk, chunk // 2)
+        chunk, retries = chunk // 2, retries + 1
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def backend_flags(options: SpeedOptions) -> Iterator[None]:
+    """Apply the options' backend flags inside the block and restore the previous ones after."""
+    saved = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    options.apply_backend_flags()
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = saved

@@ -1,0 +1,256 @@
+"""Speed options and the memory budget: the same answers whatever the chunk, precision or compile
+mode; chunk sizes that fit the budget; out-of-memory halving, simulated on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import methods
+import metrics
+from harness.device import (
+    MemoryModel,
+    SpeedOptions,
+    fitting_sizes,
+    halving_on_oom,
+    image_memory,
+    is_out_of_memory,
+)
+from harness.errors import HarnessError
+from harness.run import run_job
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CPU = torch.device("cpu")
+
+
+def job_config(*overrides: str):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose(
+            "config",
+            [
+                "model=small_cnn",
+                "device=cpu",
+                "data.num_images=3",
+                "method=saliency",
+                "metric=[deletion]",
+                *overrides,
+            ],
+        )
+
+
+def close_maps(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> None:
+    """fp32 agreement: to 1e-5 relative, and 1e-5 of the map's scale (default: its largest value)."""
+    scale = float(b.abs().max()) if scale is None else scale
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+# Out of memory ---------------------------------------------------------------------------------------
+
+
+def oom() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+def test_halving_on_oom_halves_until_it_fits():
+    tried = []
+
+    def call(chunk: int) -> str:
+        tried.append(chunk)
+        if chunk > 3:
+            raise oom()
+        return f"ran at {chunk}"
+
+    assert halving_on_oom(call, 16, CPU, "test") == ("ran at 2", 2, 3)
+    assert tried == [16, 8, 4, 2]
+    assert halving_on_oom(call, 3, CPU, "test") == ("ran at 3", 3, 0)
+
+
+def test_halving_on_oom_gives_up_at_one_image_and_passes_other_errors():
+    def never(chunk: int) -> None:
+        raise oom()
+
+    with pytest.raises(HarnessError, match="method x ran out of cpu memory with one image per chunk"):
+        halving_on_oom(never, 4, CPU, "method x")
+
+    def broken(chunk: int) -> None:
+        raise ValueError("not memory")
+
+    with pytest.raises(ValueError, match="not memory"):
+        halving_on_oom(broken, 4, CPU, "test")
+
+
+def test_out_of_memory_is_recognised_on_both_devices():
+    assert is_out_of_memory(oom())
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    )
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_job_halves_its_chunks_on_out_of_memory_and_records_it(tmp_path, monkeypatch):
+    """A method and a metric that fail above 2 images per chunk run at 2 after two halvings (8, 4,
+    2), and give the same maps and AUCs as a run that asked for 2 in the first place.
+    """
+    plain = run_job(job_config("device.batch_size=2", "device.grad_batch_size=2"), tmp_path / "plain")
+    real_saliency, real_deletion = methods.saliency, metrics.deletion
+    calls = {"saliency": [], "deletion": []}
+
+    def saliency(model, x, t, *, chunk_size):
+        calls["saliency"].append(chunk_size)
+        if chunk_size > 2:
+            raise oom()
+        return real_saliency(model, x, t, chunk_size=chunk_size)
+
+    def deletion(model, x, a, t, *, chunk_size, **kw):
+        calls["deletion"].append(chunk_size)
+        if chunk_size > 2:
+            raise oom()
+        return real_deletion(model, x, a, t, chunk_size=chunk_size, **kw)
+
+    monkeypatch.setattr(methods, "saliency", saliency)
+    monkeypatch.setattr(metrics, "deletion", deletion)
+    row = run_job(job_config("device.batch_size=8", "device.grad_batch_size=8"), tmp_path / "oom")
+    assert calls["saliency"][:3] == [8, 4, 2] and set(calls["saliency"][3:]) == {2}
+    assert calls["deletion"][:3] == [8, 4, 2] and set(calls["deletion"][3:]) == {2}
+    assert (row["method_chunk_size"], row["method_oom_retries"]) == (2, 2)
+    assert (row["deletion_chunk_size"], row["deletion_oom_retries"]) == (2, 2)
+    assert row["grad_batch_size"] == 8  # asked for; the chunk that ran is the one above
+    assert row["deletion_auc"] == pytest.approx(plain["deletion_auc"], abs=1e-6)
+    a, b = (torch.load(tmp_path / d / "attributions.pt")["maps"].float() for d in ("oom", "plain"))
+    close_maps(a, b, scale=float(b.abs().max()) * 1e2)  # stored in fp16 for display
+    scores = [pd.read_csv(tmp_path / d / "scores.csv")["deletion_auc"] for d in ("oom", "plain")]
+    assert (scores[0] - scores[1]).abs().max() <= 1e-6
+
+
+# Memory budget ---------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_grows_with_autograd(small_cnn):
+    x = torch.randn(2, 3, 32, 32)
+    plain = image_memory(small_cnn.module, x, CPU, False, torch.contiguous_format)
+    grad = image_memory(small_cnn.module, x, CPU, True, torch.contiguous_format)
+    assert plain.how == grad.how == "activations"
+    # Width 8 at 32x32 in fp32: the image (3 channels) and the largest layer's input and output
+    # (the first ReLU, 8 channels each).
+    assert plain.per_image == (3 + 8 + 8) * 32 * 32 * 4
+    assert grad.per_image > 4 * plain.per_image
+
+
+def test_fitting_sizes_keep_what_fits_and_name_the_budget_when_nothing_does():
+    memory = MemoryModel(fixed=100.0, per_image=10.0, how="allocator")
+    assert fitting_sizes([1, 2, 4, 8, 16], memory, budget=185.0, what="forward") == [1, 2, 4, 8]
+    with pytest.raises(HarnessError, match=r"no chunk size of \[4, 8\] fits the memory budget for forward"):
+        fitting_sizes([8, 4], memory, budget=120.0, what="forward")
+
+
+def test_budget_sets_the_chunk_sizes(tmp_path, monkeypatch):
+    """With room for 2.5 images of forward+backward, the gradient chunk is at most 2."""
+    import harness.run
+
+    x = torch.zeros(1, 3, 32, 32)
+    from harness.models import small_cnn
+
+    per_image = image_memory(
+        small_cnn(num_classes=10, width=16).module, x, CPU, True, torch.channels_last
+    ).per_image
+    monkeypatch.setattr(harness.run, "available_memory", lambda device: int(2.5 * per_image / 0.5))
+    row = run_job(job_config("device.memory_budget=0.5"), tmp_path / "job")
+    assert row["grad_batch_size"] in (1, 2) and row["method_chunk_size"] == row["grad_batch_size"]
+    assert row["batch_size"] >= row["grad_batch_size"] and row["deletion_chunk_size"] == row["batch_size"]
+    assert row["memory_budget_mb"] == pytest.approx(2.5 * per_image / 2**20)
+    with pytest.raises(HarnessError, match="device.memory_budget=1.5; expected a fraction"):
+        run_job(job_config("device.memory_budget=1.5"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+# Same answers ----------------------------------------------------------------------------------------
+
+
+def test_options_are_checked_and_recorded():
+    with pytest.raises(
+        HarnessError, match=r"device.precision='fp8'; expected one of \('fp32', 'bf16', 'fp16'\)"
+    ):
+        SpeedOptions(precision="fp8")
+    with pytest.raises(HarnessError, match="device.compile='fastest'; expected null or one of"):
+        SpeedOptions(compile="fastest")
+    row = SpeedOptions(precision="bf16", channels_last=True, compile="default").row()
+    assert row == {
+        "precision": "bf16",
+        "channels_last": True,
+        "cudnn_benchmark": False,
+        "tf32": False,
+        "compile": "default",
+    }
+
+
+CHEAP = {
+    "saliency": lambda m, x, t: methods.saliency(m, x, t, chunk_size=4),
+    "integrated_gradients": lambda m, x, t: methods.integrated_gradients(m, x, t, n_steps=8, chunk_size=8),
+    "occlusion": lambda m, x, t: methods.occlusion(m, x, t, window=8, stride=4, chunk_size=16),
+    "rise": lambda m, x, t: (torch.manual_seed(0), methods.rise(m, x, t, n_masks=16, chunk_size=8))[1],
+}
+
+
+def maps_and_aucs(model, x, t):
+    out = {}
+    for name, fn in CHEAP.items():
+        a = fn(model, x, t)
+        out[name] = (a, metrics.deletion(model, x, a, t, steps=7, chunk_size=8).auc)
+    return out
+
+
+def compare(fast, plain):
+    for name, (a, auc) in fast.items():
+        ref, ref_auc = plain[name]
+        close_maps(a, ref, scale=1.0 if name == "occlusion" else None)
+        torch.testing.assert_close(auc, ref_auc, rtol=0, atol=1e-6)
+
+
+def test_channels_last_gives_the_same_maps_and_aucs(small_cnn, images):
+    model, t = small_cnn.module, torch.tensor([0, 1, 2, 3, 4])
+    plain = maps_and_aucs(model, images, t)
+    model.to(memory_format=torch.channels_last)
+    compare(maps_and_aucs(model, images.contiguous(memory_format=torch.channels_last), t), plain)
+
+
+def test_compiled_model_gives_the_same_maps_and_aucs(small_cnn, images):
+    model, t = small_cnn.module, torch.tensor([0, 1, 2, 3, 4])
+    plain = maps_and_aucs(model, images, t)
+    compiled = SpeedOptions(compile="default").compiled(model)
+    assert compiled is not model
+    compare(maps_and_aucs(compiled, images, t), plain)
+
+
+def test_half_precision_curves_on_the_pretrained_model():
+    """The same fp32 saliency maps of EfficientNet-Lite0 on two photos, scored under autocast: fp16
+    moves the mean deletion and insertion AUCs by at most 0.005 (the report's "safe"); bf16, with
+    three fewer mantissa bits, moves them more (0.0005 and 0.005 on the eight photos) but stays
+    within 0.02.
+    """
+    from harness.data import photos
+    from harness.models import efficientnet_lite0
+
+    clf = efficientnet_lite0()
+    data = photos(num_images=2, size=clf.input_size, mean=clf.mean, std=clf.std)
+    model, x = clf.module, data.images
+    with torch.no_grad():
+        t = model(x).argmax(1)
+    a = methods.saliency(model, x, t, chunk_size=2)
+
+    def aucs(precision: str) -> list[float]:
+        with SpeedOptions(precision=precision).autocast(CPU):
+            return [
+                float(m(model, x, a, t, chunk_size=8).auc.mean())
+                for m in (metrics.deletion, metrics.insertion)
+            ]
+
+    full = aucs("fp32")
+    for precision, margin in (("fp16", 0.005), ("bf16", 0.02)):
+        moved = [abs(h - f) for h, f in zip(aucs(precision), full, strict=True)]
+        assert max(moved) <= margin, (precision, moved)
+        assert max(moved) > 0  # autocast did act
