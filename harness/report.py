@@ -4,7 +4,8 @@
 
 writes `summary.csv` (one row per job), `summary.md` and the plots `curves.png` (mean deletion and
 insertion curves per method with a 95% band), `grid_<model>_<data>.png` (images by methods, each map
-over its image) and `time_vs_insertion.png`. At the end of every sweep, `ReportCallback` does the same.
+over its image), `time_vs_insertion.png`, and the timing report (`timing.md` and the `speed_*.png`
+plots, see `harness.speed_report`). At the end of every sweep, `ReportCallback` does the same.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from harness.results import atomic_write, load_rows  # noqa: E402
+from harness.speed_report import write_timing  # noqa: E402
 from metrics import HIGHER_IS_BETTER  # noqa: E402
 
 log = logging.getLogger("harness.report")
@@ -202,6 +204,8 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
         for device, per_device in group.groupby("device"):
             suffix = f"_{device}" if group["device"].nunique() > 1 else ""
             plot_grid(per_device.drop_duplicates("method"), out / f"grid_{model}_{data}{suffix}.png")
+    if "method_bound_ratio" in rows.columns:
+        write_timing(rows, out)
     log.info("report of %d jobs written to %s", len(rows), out)
     return out
 

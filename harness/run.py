@@ -32,6 +32,7 @@ from harness.device import (
     SpeedOptions,
     available_memory,
     fitting_sizes,
+    fold_batchnorm,
     halving_on_oom,
     image_memory,
     resolve_device,
@@ -85,6 +86,7 @@ class Job:
     speed: ModelSpeed
     memory: dict[str, MemoryModel]
     memory_budget_mb: float
+    batchnorms_folded: int
 
 
 def _function_name(node: DictConfig) -> str:
@@ -121,6 +123,10 @@ def build(cfg: DictConfig) -> Job:
     clf: Classifier = instantiate(cfg.model)
     data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
     clf.module.to(device).to(memory_format=options.memory_format)
+    folded = 0
+    if options.fold_batchnorm:
+        sample = data.images[:2].to(device).contiguous(memory_format=options.memory_format)
+        folded = fold_batchnorm(clf.module, sample)
     model = options.compiled(clf.module)
     free = available_memory(device)
     budget = float(cfg.device.memory_budget) * free
@@ -142,19 +148,9 @@ def build(cfg: DictConfig) -> Job:
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     method = instantiate(cfg.method)
+    name = _function_name(cfg.method)
     return Job(
-        cfg,
-        device,
-        options,
-        clf,
-        model,
-        data,
-        _function_name(cfg.method),
-        method,
-        metrics,
-        speed,
-        memory,
-        budget / 2**20,
+        cfg, device, options, clf, model, data, name, method, metrics, speed, memory, budget / 2**20, folded
     )
 
 
@@ -310,6 +306,7 @@ def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "device_config": cfg.device.name,
         **opts.row(),
         "method_compiled": opts.compile is not None and method_model is not eager,
+        "batchnorms_folded": job.batchnorms_folded,
         "n_images": n,
         "seed": seed,
         "input_size": job.classifier.input_size,

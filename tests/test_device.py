@@ -17,6 +17,7 @@ from harness.device import (
     MemoryModel,
     SpeedOptions,
     fitting_sizes,
+    fold_batchnorm,
     halving_on_oom,
     image_memory,
     is_out_of_memory,
@@ -130,15 +131,22 @@ def test_job_halves_its_chunks_on_out_of_memory_and_records_it(tmp_path, monkeyp
 # Memory budget ---------------------------------------------------------------------------------------
 
 
-def test_memory_estimate_grows_with_autograd(small_cnn):
-    x = torch.randn(2, 3, 32, 32)
-    plain = image_memory(small_cnn.module, x, CPU, False, torch.contiguous_format)
-    grad = image_memory(small_cnn.module, x, CPU, True, torch.contiguous_format)
-    assert plain.how == grad.how == "activations"
-    # Width 8 at 32x32 in fp32: the image (3 channels) and the largest layer's input and output
-    # (the first ReLU, 8 channels each).
-    assert plain.per_image == (3 + 8 + 8) * 32 * 32 * 4
-    assert grad.per_image > 4 * plain.per_image
+def test_memory_estimate_counts_live_and_saved_tensors():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 2),
+    )
+    x = torch.randn(2, 3, 8, 8)
+    image, act = 3 * 64 * 4, 4 * 64 * 4  # bytes of one image and of one conv or ReLU output
+    plain = image_memory(model, x, CPU, False, torch.contiguous_format)
+    # The image and the largest layer's input and output (ReLU or Flatten: act + act).
+    assert (plain.per_image, plain.how) == (image + 2 * act, "activations")
+    grad = image_memory(model, x, CPU, True, torch.contiguous_format)
+    # Saved for backward: the ReLU's output (the conv's saved input is the image, the Linear's the
+    # same storage, the weights are parameters); the backward's gradients: twice the largest pair.
+    assert grad.per_image == image + act + 2 * (2 * act)
 
 
 def test_fitting_sizes_keep_what_fits_and_name_the_budget_when_nothing_does():
@@ -171,6 +179,57 @@ def test_budget_sets_the_chunk_sizes(tmp_path, monkeypatch):
 # Same answers ----------------------------------------------------------------------------------------
 
 
+def bn_net(seed: int = 0) -> torch.nn.Module:
+    """Conv-BN-ReLU twice and a head, in eval mode, with BatchNorm statistics far from the identity."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8)),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 5),
+    )
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return net.eval()
+
+
+def test_fold_batchnorm_gives_the_same_maps_and_aucs(images):
+    net, t = bn_net(), torch.tensor([0, 1, 2, 3, 4])
+    plain = maps_and_aucs(net, images, t)
+    assert fold_batchnorm(net, images[:2]) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    compare(maps_and_aucs(net, images, t), plain)
+
+
+def test_fold_batchnorm_undoes_a_fold_that_changes_the_model(images):
+    class BNFirst(torch.nn.Module):
+        """Registers conv then BN but calls BN first: folding by registration order would be wrong."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(self.bn(x)).mean((2, 3))
+
+    net = BNFirst().eval()
+    net.bn.running_mean.fill_(2.0)
+    with torch.no_grad():
+        before = net(images)
+    assert fold_batchnorm(net, images[:2]) == 0
+    assert isinstance(net.bn, torch.nn.BatchNorm2d)
+    torch.testing.assert_close(net(images).detach(), before)
+
+
 def test_options_are_checked_and_recorded():
     with pytest.raises(
         HarnessError, match=r"device.precision='fp8'; expected one of \('fp32', 'bf16', 'fp16'\)"
@@ -185,6 +244,7 @@ def test_options_are_checked_and_recorded():
         "cudnn_benchmark": False,
         "tf32": False,
         "compile": "default",
+        "fold_batchnorm": False,
     }
 
 

@@ -98,6 +98,44 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
 
 
 @pytest.mark.slow
+def test_speed_sweep_reports_kernels_and_what_each_option_does(tmp_path):
+    sweep = tmp_path / "speed"
+    r = harness(
+        "-m",
+        "model=small_cnn",
+        "method=saliency,occlusion",
+        "device=cpu",
+        "data.num_images=3",
+        "device.precision=fp32,fp16",
+        "device.channels_last=true,false",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(sweep / "summary.csv")
+    assert len(rows) == 8
+    for col in ["method_kernel_ms_per_image", "method_busy", "method_chunk_size", "method_oom_retries"]:
+        assert rows[col].notna().all(), col
+    saliency = rows[rows["method"] == "saliency"]
+    assert (saliency["method_kernel_backward_ms_per_image"] > 0).all()
+    assert (saliency["method_chunk_size"] == saliency["grad_batch_size"]).all()
+    job = next(p.parent for p in sweep.glob("*/run.json"))
+    kernels = pd.read_csv(job / "kernels.csv")
+    assert set(kernels["phase"]) == {"method", "deletion", "insertion"}
+    assert (kernels["ms_per_image"] > 0).all() and (kernels["share"] <= 1).all()
+
+    text = (sweep / "timing.md").read_text()
+    assert "## What each speed option does" in text
+    effects = text.split("## What each speed option does")[1]
+    lines = [ln for ln in effects.splitlines() if ln.startswith("| small_cnn")]
+    assert len(lines) == 8  # every job against its plain (fp32, channels_last) job, itself included
+    # fp32 without channels_last computes the same AUCs: a change of 0 and "safe".
+    plain_layout = [ln for ln in lines if "precision=fp32, channels_last=False" in ln]
+    assert len(plain_layout) == 2 and all(ln.rstrip(" |").endswith("yes") for ln in plain_layout)
+    for name in ["speed_throughput.png", "speed_kernels.png", "speed_bound.png", "speed_memory.png"]:
+        assert (sweep / name).stat().st_size > 0, name
+
+
+@pytest.mark.slow
 def test_single_run_with_image_folder(tmp_path):
     from PIL import Image
 
