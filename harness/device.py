@@ -18,7 +18,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.timing import forward_backward_step, forward_step
+from harness.timing import forward_backward_step, forward_step, tile_images
 
 log = logging.getLogger("harness")
 T = TypeVar("T")
@@ -282,8 +282,7 @@ def image_memory(
     """Memory that batches of `sample`'s images need on `device`, with or without autograd."""
 
     def tile(b: int) -> torch.Tensor:
-        x = sample.repeat((-(-b // len(sample)), 1, 1, 1))[:b]
-        return x.to(device).contiguous(memory_format=memory_format)
+        return tile_images(sample, b, device, memory_format)
 
     if device.type == "cuda":
         return _allocator_memory(model, tile, grad)
@@ -338,22 +337,3 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def backend_flags(options: SpeedOptions) -> Iterator[None]:
-    """Apply the options' backend flags inside the block and restore the previous ones after."""
-    saved = (
-        torch.backends.cudnn.benchmark,
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-    )
-    options.apply_backend_flags()
-    try:
-        yield
-    finally:
-        (
-            torch.backends.cudnn.benchmark,
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-        ) = saved

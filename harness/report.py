@@ -26,16 +26,12 @@ import torch  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from harness.results import atomic_write, load_rows  # noqa: E402
+from harness.results import atomic_write, load_rows, metric_names  # noqa: E402
 from harness.speed_report import write_timing  # noqa: E402
 from metrics import HIGHER_IS_BETTER  # noqa: E402
 
 log = logging.getLogger("harness.report")
 GROUP = ["model", "data", "device"]
-
-
-def _metrics(rows: pd.DataFrame) -> list[str]:
-    return [c[: -len("_auc")] for c in rows.columns if c.endswith("_auc")]
 
 
 def _label(rows: pd.DataFrame) -> pd.Series:
@@ -46,7 +42,7 @@ def _label(rows: pd.DataFrame) -> pd.Series:
 
 def markdown(rows: pd.DataFrame) -> str:
     """The headline table: AUCs with 95% intervals, cost per image and ratio to the forward bound."""
-    metrics = _metrics(rows)
+    metrics = metric_names(rows)
     table = pd.DataFrame({"model": rows["model"], "data": rows["data"], "device": rows["device"]})
     table["method"] = rows["method"]
     table["images"] = rows["n_images"]
@@ -98,7 +94,7 @@ def _one(col: pd.Series) -> str:
 
 def plot_curves(rows: pd.DataFrame, path: Path) -> None:
     """Mean curve over images per job, with a 95% band (normal approximation over images)."""
-    metrics = _metrics(rows)
+    metrics = metric_names(rows)
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
     colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     labels = _label(rows)

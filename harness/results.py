@@ -83,6 +83,11 @@ def write_job(
     atomic_write(folder / ROW_FILE, lambda p: p.write_text(text + "\n"))
 
 
+def metric_names(rows: pd.DataFrame) -> list[str]:
+    """The metrics scored in a table of rows: every `<metric>_auc` column."""
+    return [c[: -len("_auc")] for c in rows.columns if c.endswith("_auc")]
+
+
 def job_folders(sweep: Path) -> list[Path]:
     """Job folders of a sweep (or the folder itself for a single run), in job order."""
     folders = [p.parent for p in sweep.glob(f"*/{ROW_FILE}")]

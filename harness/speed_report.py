@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.results import atomic_write  # noqa: E402
+from harness.results import atomic_write, metric_names  # noqa: E402
 
 # Options a speed sweep varies; the plain path is fp32, eager, no TF32.
 OPTIONS = ["precision", "channels_last", "cudnn_benchmark", "tf32", "compile", "memory_budget"]
@@ -28,10 +28,6 @@ PLAIN = {"precision": "fp32", "compile": None, "tf32": False}
 # An option is safe when it moves no mean AUC by more than this.
 SAFE_AUC = 0.005
 CELL = ["model", "data", "device", "method", "n_images", "seed"]
-
-
-def _metrics(rows: pd.DataFrame) -> list[str]:
-    return [c[: -len("_auc")] for c in rows.columns if c.endswith("_auc")]
 
 
 def _options(rows: pd.DataFrame) -> list[str]:
@@ -94,7 +90,7 @@ def timing_table(rows: pd.DataFrame) -> pd.DataFrame:
     t["kernel fwd ms"] = rows.get("method_kernel_forward_ms_per_image")
     t["kernel bwd ms"] = rows.get("method_kernel_backward_ms_per_image")
     t["busy"] = rows.get("method_busy")
-    for m in _metrics(rows):
+    for m in metric_names(rows):
         t[f"{m} ms/image"] = rows[f"{m}_ms_per_image"]
         t[f"{m} / bound"] = rows[f"{m}_bound_ratio"]
         t[f"{m} busy"] = rows.get(f"{m}_busy")
@@ -120,7 +116,7 @@ def option_effects(rows: pd.DataFrame) -> pd.DataFrame:
             "speed-up": base["method_ms_per_image"] / r["method_ms_per_image"],
         }
         moved = []
-        for m in _metrics(rows):
+        for m in metric_names(rows):
             d = r[f"{m}_auc"] - base[f"{m}_auc"]
             line[f"Δ {m} AUC"] = d
             moved.append(abs(d))
@@ -206,7 +202,7 @@ def _wide(values: pd.Series) -> bool:
 
 def plot_bound(rows: pd.DataFrame, path: Path) -> None:
     """Each call's time over its forward (or forward+backward) bound: 1 is the model's own cost."""
-    calls = ["method", *_metrics(rows)]
+    calls = ["method", *metric_names(rows)]
     labels = _job_labels(rows)
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) * len(calls) / 2 + 1.5))
     height = 0.8 / len(calls)

@@ -126,6 +126,14 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
+def tile_images(
+    sample: torch.Tensor, n: int, device: torch.device, memory_format: torch.memory_format
+) -> torch.Tensor:
+    """`n` images on `device`: the sample's images repeated in order."""
+    x = sample.repeat((-(-n // len(sample)), 1, 1, 1))[:n]
+    return x.to(device).contiguous(memory_format=memory_format)
+
+
 def forward_step(model: nn.Module, x: torch.Tensor) -> None:
     """One plain forward pass, no autograd: what perturbation methods and the curves pay per image."""
     with torch.no_grad():
@@ -180,8 +188,7 @@ class ModelSpeed:
     def _inputs(self, bs: int) -> torch.Tensor:
         """The sample tiled to `bs` images on the device, built once per batch size."""
         if bs not in self._tiled:
-            x = self.sample.repeat((-(-bs // len(self.sample)), 1, 1, 1))[:bs]
-            self._tiled[bs] = x.to(self.device).contiguous(memory_format=self.memory_format)
+            self._tiled[bs] = tile_images(self.sample, bs, self.device, self.memory_format)
         return self._tiled[bs]
 
     def _loop_ms(self, grad: bool, bs: int, repeats: int, warm: bool = False) -> float:
