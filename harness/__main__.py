@@ -1,6 +1,6 @@
-"""`python -m harness`: the Hydra app (see harness.run)."""
+"""`python -m harness`: the Hydra app (see harness.app)."""
 
-from harness.run import cli
+from harness.app import cli
 
 if __name__ == "__main__":
     cli()

@@ -15,11 +15,15 @@ chunk used and the retries go in the row.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gc
 import logging
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -52,6 +56,52 @@ def resolve_device(name: str) -> torch.device:
             f"(built for CUDA {torch.version.cuda}); use device=cpu or device=auto"
         )
     return torch.device(name)
+
+
+def gpu_locks() -> Path:
+    """Where the jobs of this user on this machine take turns on GPUs."""
+    return Path(tempfile.gettempdir()) / f"attribution-harness-gpus-{os.getuid()}"
+
+
+@contextlib.contextmanager
+def claimed_gpu(count: int, locks: Path, poll_s: float = 0.5) -> Iterator[int]:
+    """Hold one of `count` GPUs for the block: the first that no other job holds, waiting while
+    all are held. Jobs that a local launcher (joblib) runs side by side thus get a GPU each.
+
+    The claim is an exclusive `flock` on `locks/cuda<i>.lock`, which the system releases when the
+    holder exits, however it exits.
+    """
+    locks.mkdir(parents=True, exist_ok=True)
+    while True:
+        for i in range(count):
+            f = (locks / f"cuda{i}.lock").open("w")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                continue
+            try:
+                yield i
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+            return
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def job_device(device: torch.device) -> Iterator[torch.device]:
+    """The device a job runs on: with several GPUs visible and none named (`cuda`, not `cuda:1`),
+    one claimed for the job (see `claimed_gpu`); otherwise `device` itself.
+    """
+    count = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
+    if count < 2:
+        yield device
+        return
+    with claimed_gpu(count, gpu_locks()) as i:
+        torch.cuda.set_device(i)
+        log.info("running on cuda:%d of %d visible GPUs", i, count)
+        yield torch.device("cuda", i)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@
 writes `summary.csv` (one row per job), `summary.md` and the plots `curves.png` (mean deletion and
 insertion curves per method with a 95% band), `grid_<model>_<data>.png` (images by methods, each map
 over its image), `time_vs_insertion.png`, and the timing report (`timing.md` and the `speed_*.png`
-plots, see `harness.speed_report`). At the end of every sweep, `ReportCallback` does the same.
+plots, see `harness.speed_report`). At the end of every sweep, `harness.app.ReportCallback` does the
+same.
 """
 
 from __future__ import annotations
@@ -23,10 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from hydra.experimental.callback import Callback  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
 
-from harness.results import atomic_write, load_rows, metric_names  # noqa: E402
+from harness.results import atomic_write, load_rows, metric_names, read_maps  # noqa: E402
 from harness.speed_report import write_timing  # noqa: E402
 from metrics import HIGHER_IS_BETTER  # noqa: E402
 
@@ -142,16 +141,16 @@ def _display(a: torch.Tensor) -> tuple[torch.Tensor, str, float]:
 
 def plot_grid(rows: pd.DataFrame, path: Path) -> None:
     """Images (rows) by methods (columns), each map over its image (signed maps: red +, blue -)."""
-    jobs = [torch.load(Path(d) / "attributions.pt", weights_only=False) for d in rows["job_dir"]]
+    jobs = [read_maps(Path(d)) for d in rows["job_dir"]]
     n = len(jobs[0]["ids"])
     fig, axes = plt.subplots(n, len(jobs) + 1, figsize=(1.6 * (len(jobs) + 1), 1.6 * n), squeeze=False)
     for i in range(n):
-        image = jobs[0]["images"][i].permute(1, 2, 0).numpy()
+        image = jobs[0]["images"][i].transpose(1, 2, 0)
         axes[i, 0].imshow(image)
         axes[i, 0].set_title(f"{jobs[0]['ids'][i]}\n{jobs[0]['target_names'][i]}", fontsize=6)
         grey = image.mean(axis=2)
         for j, (job, method) in enumerate(zip(jobs, rows["method"], strict=True), start=1):
-            a, cmap, vmin = _display(job["maps"][i].float())
+            a, cmap, vmin = _display(torch.from_numpy(job["maps"][i]).float().sum(dim=0))
             axes[i, j].imshow(grey, cmap="gray")
             axes[i, j].imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=1, alpha=0.6)
             if i == 0:
@@ -204,16 +203,6 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
         write_timing(rows, out)
     log.info("report of %d jobs written to %s", len(rows), out)
     return out
-
-
-class ReportCallback(Callback):
-    """Hydra callback: the sweep's tables and plots once every job has ended."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
-        sweep = Path(config.hydra.sweep.dir)
-        if any(sweep.glob("*/run.json")):
-            out = write_report(sweep)
-            print(f"results: {out}/summary.md")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,9 +2,10 @@
 
 A job folder holds `run.json` (the row), `curves.csv` (metric, image, point, fraction, score),
 `scores.csv` (one row per image: id, label, target, each metric's AUC), `kernels.csv` (the top
-kernels, or CPU ops, of the method and of each metric, from the profiler) and `attributions.pt` (the
-maps summed over channels, with the display images). `run.json` is written last, so a folder with a
-`run.json` is complete.
+kernels, or CPU ops, of the method and of each metric, from the profiler) and `attributions.npz`
+(the maps with the image ids, targets, display images and method settings; see `save_maps`). Each
+file is written through a temporary and renamed; `run.json` comes last and lists the others with
+their sizes, so a folder is complete exactly when `harness.resume.read_job` says so.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
-ROW_FILE = "run.json"
+from harness.resume import ROW_FILE, complete_jobs
+
+MAPS_FILE = "attributions.npz"
 
 
 def bootstrap_ci(
@@ -65,22 +69,34 @@ def write_job(
     folder: Path,
     row: Mapping[str, Any],
     tables: Mapping[str, pd.DataFrame],
-    maps: Mapping[str, Any],
+    maps: Mapping[str, np.ndarray],
 ) -> None:
-    """Write a job's files, each atomically, `run.json` last.
+    """Write a job's files, each atomically, then `run.json` with the row and the files' sizes.
 
     Args:
         folder: the job's folder.
         row: the results row.
         tables: file name (`curves.csv`, ...) to table.
-        maps: what `attributions.pt` holds.
+        maps: the arrays of `attributions.npz` (compressed).
     """
     folder.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         atomic_write(folder / name, lambda p, t=table: t.to_csv(p, index=False))
-    atomic_write(folder / "attributions.pt", lambda p: torch.save(dict(maps), p))
-    text = json.dumps({k: _json_value(v) for k, v in row.items()}, indent=1, sort_keys=False)
+    atomic_write(folder / MAPS_FILE, lambda p: _save_npz(p, maps))
+    files = {name: (folder / name).stat().st_size for name in [*tables, MAPS_FILE]}
+    text = json.dumps({**{k: _json_value(v) for k, v in row.items()}, "files": files}, indent=1)
     atomic_write(folder / ROW_FILE, lambda p: p.write_text(text + "\n"))
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    with path.open("wb") as f:  # a file object: np.savez would add `.npz` to a temporary's name
+        np.savez_compressed(f, **dict(arrays))  # type: ignore[arg-type]
+
+
+def read_maps(folder: Path) -> dict[str, np.ndarray]:
+    """The arrays of a job's `attributions.npz` (see `harness.run` for what each holds)."""
+    with np.load(folder / MAPS_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def metric_names(rows: pd.DataFrame) -> list[str]:
@@ -88,20 +104,13 @@ def metric_names(rows: pd.DataFrame) -> list[str]:
     return [c[: -len("_auc")] for c in rows.columns if c.endswith("_auc")]
 
 
-def job_folders(sweep: Path) -> list[Path]:
-    """Job folders of a sweep (or the folder itself for a single run), in job order."""
-    folders = [p.parent for p in sweep.glob(f"*/{ROW_FILE}")]
-    if (sweep / ROW_FILE).is_file():
-        folders.append(sweep)
-    return sorted(folders, key=lambda p: (len(p.name), p.name))
-
-
 def load_rows(*sweeps: Path) -> pd.DataFrame:
-    """One row per complete job of the given sweep folders."""
+    """One row per complete job of the given sweep folders; partial and corrupt job folders are
+    reported in the log and left out.
+    """
     rows = []
     for sweep in sweeps:
-        for folder in job_folders(Path(sweep)):
-            row = json.loads((folder / ROW_FILE).read_text())
-            row["job_dir"] = str(folder)
-            rows.append(row)
+        for folder, row in complete_jobs(Path(sweep)):
+            row.pop("files")
+            rows.append({**row, "job_dir": str(folder)})
     return pd.DataFrame(rows)

@@ -5,23 +5,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import subprocess
-import sys
-import warnings
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import captum
-import hydra
+import numpy as np
 import pandas as pd
 import torch
 import torchvision
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,11 +32,14 @@ from harness.device import (
     fold_batchnorm,
     halving_on_oom,
     image_memory,
+    job_device,
     resolve_device,
 )
 from harness.errors import HarnessError
 from harness.models import Classifier
-from harness.results import bootstrap_ci, write_job
+from harness.progress import Progress
+from harness.results import bootstrap_ci, read_maps, write_job
+from harness.resume import complete_jobs, config_hash, digest
 from harness.timing import (
     KernelProfile,
     ModelSpeed,
@@ -62,6 +62,8 @@ REPEATS: dict[str, Any] = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
 PROFILE_BUDGET_S = 2.0
 # Kernels (or CPU ops) per method and metric in kernels.csv.
 TOP_KERNELS = 15
+
+PHASES = ("all", "evaluate")
 
 __all__ = ["HarnessError", "Job", "build", "run_job"]
 
@@ -87,6 +89,7 @@ class Job:
     memory: dict[str, MemoryModel]
     memory_budget_mb: float
     batchnorms_folded: int
+    progress: Progress
 
 
 def _function_name(node: DictConfig) -> str:
@@ -108,7 +111,7 @@ def _check_device_config(node: DictConfig) -> None:
         raise HarnessError(f"device.batch_sizes={sizes!r}; expected null or a list of positive image counts")
 
 
-def build(cfg: DictConfig) -> Job:
+def build(cfg: DictConfig, device: torch.device | None = None) -> Job:
     """Instantiate the job's model, data, method and metrics on its device, with its speed options.
 
     When `device.batch_size` (plain forwards) or `device.grad_batch_size` (forward+backward) is
@@ -118,7 +121,7 @@ def build(cfg: DictConfig) -> Job:
     """
     options = SpeedOptions.from_config(cfg.device)
     _check_device_config(cfg.device)
-    device = resolve_device(cfg.device.name)
+    device = device or resolve_device(cfg.device.name)
     options.apply_backend_flags()
     clf: Classifier = instantiate(cfg.model)
     data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
@@ -149,8 +152,10 @@ def build(cfg: DictConfig) -> Job:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     method = instantiate(cfg.method)
     name = _function_name(cfg.method)
+    progress = Progress(f"{name} on {clf.name}/{data.name}", cfg.get("progress"))
+    mb = budget / 2**20
     return Job(
-        cfg, device, options, clf, model, data, name, method, metrics, speed, memory, budget / 2**20, folded
+        cfg, device, options, clf, model, data, name, method, metrics, speed, memory, mb, folded, progress
     )
 
 
@@ -215,13 +220,17 @@ def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, n: 
     `PROFILE_BUDGET_S`, else on the share of them that takes about that long.
     """
 
+    def tracked(rows: slice, c: int | None) -> Any:
+        with job.progress.call(what, model, len(range(n)[rows])):
+            return call(rows, c)
+
     def attempt(c: int | None) -> tuple[Any, Timing]:
         return measure(
-            lambda: call(slice(None), c),
+            lambda: tracked(slice(None), c),
             job.device,
             model=model,
             speed=job.speed,
-            warmup=lambda: call(slice(0, 1), c),
+            warmup=lambda: tracked(slice(0, 1), c),
             **REPEATS,
         )
 
@@ -234,7 +243,7 @@ def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, n: 
         if timing.median_ms <= PROFILE_BUDGET_S * 1e3
         else max(1, int(n * PROFILE_BUDGET_S * 1e3 / timing.median_ms))
     )
-    profile = profile_call(lambda: call(slice(0, k), chunk), job.device)
+    profile = profile_call(lambda: tracked(slice(0, k), chunk), job.device)
     return Measured(out, timing, chunk, retries, profile, k)
 
 
@@ -262,80 +271,169 @@ def _timing_fields(prefix: str, m: Measured, n: int) -> dict[str, Any]:
     }
 
 
+def explain_key(cfg: DictConfig, device: torch.device) -> str:
+    """Hash of what determines a job's maps: the model, data and method settings (less the chunk
+    size, which changes no answer), the seed, the device type and the precision. `phase=evaluate`
+    finds the maps saved by an earlier sweep through it.
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    method = {k: v for k, v in plain["method"].items() if k != "chunk_size"}
+    what = {"model": plain["model"], "data": plain["data"], "method": method, "seed": plain["seed"]}
+    return digest(what | {"device": device.type, "precision": plain["device"]["precision"]})
+
+
+def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+    """The folder, row and arrays of the job in `cfg.maps_from` whose maps this job scores."""
+    if not cfg.get("maps_from"):
+        raise HarnessError("phase=evaluate needs maps_from=<folder of a sweep run with save_maps=true>")
+    root = Path(cfg.maps_from)
+    if not root.is_dir():
+        raise HarnessError(f"maps_from={root}: no such folder; expected the folder of an earlier sweep")
+    jobs = complete_jobs(root)
+    found = [(folder, row) for folder, row in jobs if row.get("explain_key") == key]
+    if not found:
+        model = cfg.model.get("arch") or _function_name(cfg.model)
+        this = f"{model}/{_function_name(cfg.data)}/{_function_name(cfg.method)} seed {cfg.seed}"
+        there = sorted({f"{r['model']}/{r['data']}/{r['method']} seed {r['seed']}" for _, r in jobs})
+        raise HarnessError(
+            f"maps_from={root} holds no maps of {this} with these method, data, device and precision "
+            f"settings; it holds: {', '.join(there) or 'no complete job'}"
+        )
+    folder, row = found[0]
+    arrays = read_maps(folder)
+    if not bool(arrays["full"]):
+        raise HarnessError(f"{folder} kept display maps only (save_maps=false); run it with save_maps=true")
+    return folder, row, arrays
+
+
 def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """Run one job and write its results into `out`; returns the results row."""
-    job = build(cfg)
-    dev, seed, opts = job.device, int(cfg.seed), job.options
-    eager = job.classifier.module
-    x = job.data.images.to(dev).contiguous(memory_format=opts.memory_format)
-    n = len(x)
-    with torch.no_grad():  # the class to explain: the eager model's top-1 in fp32, whatever the options
-        probs = eager(x).float().softmax(dim=1)
-    target = probs.argmax(dim=1)
-    method_model = eager if job.method_name in EAGER_ONLY else job.model
+    """Run one job and write its results into `out`; returns the results row.
+
+    With `phase=all` the method attributes and every metric scores its maps; with
+    `phase=evaluate` the maps come from the matching job of the sweep in `maps_from`, whose method
+    fields (settings, timings) the row carries, and only the metrics run.
+    """
+    if cfg.phase not in PHASES:
+        raise HarnessError(f"phase={cfg.phase!r}; expected one of {', '.join(PHASES)}")
+    config = config_hash(cfg)  # before build() fills in the chosen chunk sizes
+    with job_device(resolve_device(cfg.device.name)) as device:
+        return _run(cfg, out, device, config)
+
+
+def _run(cfg: DictConfig, out: Path, device: torch.device, config: str) -> dict[str, Any]:
+    key = explain_key(cfg, device)
+    source = saved_maps(cfg, key) if cfg.phase == "evaluate" else None
+    job = build(cfg, device)
+    with job.progress:
+        dev, seed, opts = job.device, int(cfg.seed), job.options
+        eager = job.classifier.module
+        x = job.data.images.to(dev).contiguous(memory_format=opts.memory_format)
+        n = len(x)
+        with torch.no_grad():  # the class to explain: the eager model's fp32 top-1, whatever the options
+            probs = eager(x).float().softmax(dim=1)
+        target = probs.argmax(dim=1)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        measured: dict[str, Measured] = {}
+        if source is None:
+            maps, method_fields = _attribute(job, x, target, measured)
+        else:
+            maps, target, method_fields = _reuse(job, source)
+        curves: dict[str, Curve] = {}
+        for name, metric in job.metrics.items():
+
+            def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
+                return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
+
+            with opts.autocast(dev):
+                measured[name] = _measure(
+                    job, job.model, score, metric.keywords["chunk_size"], n, f"metric {name}"
+                )
+            curves[name] = measured[name].out
+        speed = job.speed  # best loop times seen, the bound's measurements included
+        row: dict[str, Any] = {
+            "model": job.classifier.name,
+            "pretrained": job.classifier.pretrained,
+            "data": job.data.name,
+            "method": job.method_name,
+            "device": dev.type,
+            "device_config": cfg.device.name,
+            **opts.row(),
+            "batchnorms_folded": job.batchnorms_folded,
+            "n_images": n,
+            "seed": seed,
+            "phase": cfg.phase,
+            "maps_from": None if source is None else str(source[0]),
+            "config_hash": config,
+            "explain_key": key,
+            "input_size": job.classifier.input_size,
+            "batch_size": speed.batch_size,
+            "grad_batch_size": speed.grad_batch_size,
+            "memory_budget": float(cfg.device.memory_budget),
+            "memory_budget_mb": job.memory_budget_mb,
+            "forward_mb_per_image": job.memory["forward"].per_image / 2**20,
+            "forward_backward_mb_per_image": job.memory["forward_backward"].per_image / 2**20,
+            "memory_estimate": job.memory["forward"].how,
+            "top1_equals_label": _agreement(target, job.data.labels),
+            "forward_ms_per_image": speed.forward_ms,
+            "forward_backward_ms_per_image": speed.forward_backward_ms,
+            "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms.items()},
+            "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
+            "kernel_kind": next(iter(measured.values())).profile.kind,
+            **method_fields,
+        }
+        for name, curve in curves.items():
+            low, high = bootstrap_ci(curve.auc, seed=seed)
+            row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
+            row |= _timing_fields(name, measured[name], n) | _params(name, cfg.metric[name])
+        row |= _environment(dev)
+        curves_df, scores_df = _tables(job, curves, target, probs)
+        tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": _kernels(measured)}
+        arrays = source[2] if source is not None else _maps(job, maps, target, key, bool(cfg.save_maps))
+        write_job(out, row, tables, arrays)
+        log.info(_headline(row, list(curves)))
+        return row
+
+
+def _attribute(
+    job: Job, x: torch.Tensor, target: torch.Tensor, measured: dict[str, Measured]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run the job's method, timed and profiled (into `measured`); the maps and the row's method fields."""
+    dev, opts = job.device, job.options
+    method_model = job.classifier.module if job.method_name in EAGER_ONLY else job.model
+    seed = int(job.cfg.seed)
 
     def attribute(rows: slice, chunk: int | None) -> torch.Tensor:
         seed_all(seed)  # stochastic methods: the same draws on every call
         sizes = {} if chunk is None else {"chunk_size": chunk}
         return job.method(method_model, x[rows], target[rows], **sizes)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     chunk = job.method.keywords.get("chunk_size")
     with opts.autocast(dev):
-        measured = {"method": _measure(job, method_model, attribute, chunk, n, f"method {job.method_name}")}
+        what = f"method {job.method_name}"
+        measured["method"] = _measure(job, method_model, attribute, chunk, len(x), what)
     maps = check_attributions(measured["method"].out, x, job.method_name).detach().float()
-    curves: dict[str, Curve] = {}
-    for name, metric in job.metrics.items():
-
-        def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
-            return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
-
-        with opts.autocast(dev):
-            measured[name] = _measure(
-                job, job.model, score, metric.keywords["chunk_size"], n, f"metric {name}"
-            )
-        curves[name] = measured[name].out
-    speed = job.speed  # best loop times seen, the bound's measurements included
-    row: dict[str, Any] = {
-        "model": job.classifier.name,
-        "pretrained": job.classifier.pretrained,
-        "data": job.data.name,
-        "method": job.method_name,
-        "device": dev.type,
-        "device_config": cfg.device.name,
-        **opts.row(),
-        "method_compiled": opts.compile is not None and method_model is not eager,
-        "batchnorms_folded": job.batchnorms_folded,
-        "n_images": n,
-        "seed": seed,
-        "input_size": job.classifier.input_size,
-        "batch_size": speed.batch_size,
-        "grad_batch_size": speed.grad_batch_size,
-        "memory_budget": float(cfg.device.memory_budget),
-        "memory_budget_mb": job.memory_budget_mb,
-        "forward_mb_per_image": job.memory["forward"].per_image / 2**20,
-        "forward_backward_mb_per_image": job.memory["forward_backward"].per_image / 2**20,
-        "memory_estimate": job.memory["forward"].how,
-        "top1_equals_label": _agreement(target, job.data.labels),
-        "forward_ms_per_image": speed.forward_ms,
-        "forward_backward_ms_per_image": speed.forward_backward_ms,
-        "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms.items()},
-        "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
-        "kernel_kind": measured["method"].profile.kind,
-        **_timing_fields("method", measured["method"], n),
-        **_params("method", cfg.method),
+    fields = {
+        "method_compiled": opts.compile is not None and method_model is not job.classifier.module,
+        **_timing_fields("method", measured["method"], len(x)),
+        **_params("method", job.cfg.method),
     }
-    for name, curve in curves.items():
-        low, high = bootstrap_ci(curve.auc, seed=seed)
-        row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
-        row |= _timing_fields(name, measured[name], n) | _params(name, cfg.metric[name])
-    row |= _environment(dev)
-    curves_df, scores_df = _tables(job, curves, target, probs)
-    tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": _kernels(measured)}
-    write_job(out, row, tables, _maps(job, maps, target))
-    log.info(_headline(row, list(curves)))
-    return row
+    return maps, fields
+
+
+def _reuse(
+    job: Job, source: tuple[Path, dict[str, Any], dict[str, np.ndarray]]
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Saved maps and their targets on the job's device, and the source row's method fields."""
+    folder, row, arrays = source
+    ids = [str(i) for i in arrays["ids"]]
+    if ids != list(job.data.ids):
+        raise HarnessError(f"{folder} saved maps of images {ids}; this job's data has {list(job.data.ids)}")
+    maps = torch.from_numpy(arrays["maps"]).to(job.device)
+    target = torch.from_numpy(arrays["target"]).to(job.device)
+    fields = {k: v for k, v in row.items() if k.startswith("method") and k != "method"}
+    return maps, target, fields
 
 
 def _kernels(measured: dict[str, Measured]) -> pd.DataFrame:
@@ -397,15 +495,26 @@ def _tables(
     return curves_df, scores_df
 
 
-def _maps(job: Job, maps: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+def _maps(job: Job, maps: torch.Tensor, target: torch.Tensor, key: str, full: bool) -> dict[str, np.ndarray]:
+    """What `attributions.npz` holds: the maps as the method returned them (`[B, 1 or C, H, W]`,
+    float32) when `full`, else summed over channels in float16 for display only; the image ids,
+    labels, targets and their names; the images as displayed (uint8); the method and its settings.
+    """
     mean = torch.tensor(job.classifier.mean)[:, None, None]
     std = torch.tensor(job.classifier.std)[:, None, None]
     pixels = (job.data.images * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    kept = maps.float() if full else maps.sum(dim=1, keepdim=True).half()
     return {
-        "ids": job.data.ids,
-        "maps": maps.sum(dim=1).float().cpu().half(),
-        "images": pixels,
-        "target_names": [job.classifier.class_names[i] for i in target.tolist()],
+        "maps": kept.cpu().numpy(),
+        "full": np.array(full),
+        "ids": np.array(job.data.ids, dtype=str),
+        "label": job.data.labels.cpu().numpy(),
+        "target": target.cpu().numpy(),
+        "target_names": np.array([job.classifier.class_names[i] for i in target.tolist()], dtype=str),
+        "images": pixels.numpy(),
+        "method": np.array(job.method_name),
+        "method_params": np.array(json.dumps(_params("method", job.cfg.method))),
+        "explain_key": np.array(key),
     }
 
 
@@ -419,43 +528,3 @@ def _headline(row: dict[str, Any], metrics: list[str]) -> str:
         f"{row['method']} on {row['model']}/{row['data']} ({row['device']}, {row['n_images']} images): "
         f"{scores}; {row['method_ms_per_image']:.1f} ms/image, {cost}"
     )
-
-
-GROUPS = ("model", "data", "method", "metric", "device", "experiment")
-
-
-def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
-    """Refuse unknown config names in `group=a`, `group=a,b` and `group=[a,b]` overrides, listing
-    the names that exist (Hydra lists them for some forms only). Sweep functions pass unchecked.
-    """
-    for arg in overrides:
-        key, sep, value = arg.lstrip("+").partition("=")
-        if not sep or key not in GROUPS or "(" in value or value in ("null", ""):
-            continue
-        known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
-        for name in value.strip("[]").split(","):
-            if name.strip() and name.strip() not in known:
-                raise HarnessError(f"unknown {key} {name.strip()!r}; available: {', '.join(known)}")
-
-
-def cli() -> None:
-    """`python -m harness`: check the config names, then hand over to Hydra."""
-    try:
-        check_choices(sys.argv[1:])
-    except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    main()
-
-
-@hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Run the job that Hydra composed; bad input exits non-zero with one clear message."""
-    out = Path(HydraConfig.get().runtime.output_dir)
-    # Captum warns on every call that inputs do not require grad and that it hooks activations.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
-    try:
-        run_job(cfg, out)
-    except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        raise SystemExit(1) from None

@@ -79,12 +79,17 @@ class ForwardCounter:
 
     def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: add the batch sizes of the image tensors in the call's arguments."""
-        # Captum's DeepLift calls model((x,), (baseline,)) and joins them in a hook of its own.
-        n = sum(t.shape[0] for t in _tensors(args) if t.dim() == 4)
+        n = image_rows(args)
         if torch.is_grad_enabled():
             self.backwards += n
         else:
             self.forwards += n
+
+
+def image_rows(args: Any) -> int:
+    """The images (rows of `[B, C, H, W]` tensors) among a model call's arguments."""
+    # Captum's DeepLift calls model((x,), (baseline,)) and joins them in a hook of its own.
+    return sum(t.shape[0] for t in _tensors(args) if t.dim() == 4)
 
 
 def _tensors(args: Any) -> Iterator[torch.Tensor]:

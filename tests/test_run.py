@@ -14,7 +14,7 @@ import torch
 from harness.run import HarnessError, check_attributions
 from tests.conftest import REPO
 
-RESULT_FILES = ("run.json", "curves.csv", "scores.csv", "attributions.pt", "summary.csv")
+RESULT_FILES = ("run.json", "curves.csv", "scores.csv", "attributions.npz", "summary.csv")
 
 
 def harness(*args: str, module: str = "harness") -> subprocess.CompletedProcess:

@@ -1,0 +1,145 @@
+"""The Hydra app behind `python -m harness`: one call of `main` is one job of a sweep.
+
+`main` decides first, from the job's folder alone, whether the job has anything to do: with
+`resume=true` a job whose complete results carry the same config hash is skipped before any model
+is loaded (torch is imported only for jobs that run). Results of any other kind already in the
+folder (partial, corrupt, of another config, or complete but not resumed) are reported and moved to
+a `stale-<time>/` subfolder, never merged and never lost. `ReportCallback` writes the sweep's tables
+and plots once every job has ended, whichever launcher ran them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from harness.errors import HarnessError
+from harness.resume import ROW_FILE, config_hash, digest, read_job, set_aside
+
+log = logging.getLogger("harness")
+REPO = Path(__file__).resolve().parents[1]
+GROUPS = ("model", "data", "method", "metric", "device", "experiment")
+
+
+def gpu_count() -> int:
+    """GPUs that torch sees (at least 1, so that a launcher always has a worker)."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def job_dir(overrides: str) -> str:
+    """A job's folder name: its overrides (`method=rise,seed=1`), with `/` and other characters
+    that a file name cannot hold escaped as in URLs, and a hash in place of the tail of a name too
+    long for a file system.
+
+    Example:
+        >>> job_dir("data.root=/data/val,method=rise")
+        'data.root=%2Fdata%2Fval,method=rise'
+    """
+    name = quote(overrides, safe="=,.+-_:@[]") or "job"
+    return name if len(name) <= 200 else f"{name[:180]}-{digest(overrides)}"
+
+
+OmegaConf.register_new_resolver("gpu_count", gpu_count, replace=True)
+OmegaConf.register_new_resolver("job_dir", job_dir, replace=True)
+
+
+def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
+    """Refuse unknown config names in `group=a`, `group=a,b` and `group=[a,b]` overrides, listing
+    the names that exist (Hydra lists them for some forms only). Sweep functions pass unchecked.
+    """
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or key not in GROUPS or "(" in value or value in ("null", ""):
+            continue
+        known = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for name in value.strip("[]").split(","):
+            if name.strip() and name.strip() not in known:
+                raise HarnessError(f"unknown {key} {name.strip()!r}; available: {', '.join(known)}")
+
+
+def cli() -> None:
+    """`python -m harness`: check the config names, then hand over to Hydra."""
+    try:
+        check_choices(sys.argv[1:])
+    except HarnessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    main()
+
+
+def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """The row of the job's complete results when `resume` may keep them, else None after moving
+    whatever results the folder holds aside (and saying why).
+    """
+    state = read_job(out, config_hash(cfg))
+    if state.row is not None and cfg.resume:
+        log.info("%s: complete results of the same config, skipped (resume=true)", out.name or out)
+        return state.row
+    reason = state.problem or "complete results, computed again because resume=false"
+    aside = set_aside(out, reason)
+    if aside is not None:
+        level = logging.INFO if state.complete else logging.WARNING
+        log.log(level, "%s: %s; moved its results to %s and running the job", out.name, reason, aside.name)
+    return None
+
+
+@hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run (or, on resume, skip) the job that Hydra composed; bad input exits non-zero with one
+    clear message.
+    """
+    out = Path(HydraConfig.get().runtime.output_dir)
+    kept = prepare(cfg, out)
+    if kept is not None:
+        return kept
+    # Captum warns on every call that inputs do not require grad and that it hooks activations.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+    from harness.run import run_job  # torch and the models: only for jobs that run
+
+    try:
+        return run_job(cfg, out)
+    except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        raise SystemExit(1) from None
+
+
+def report_is_current(sweep: Path) -> bool:
+    """Whether the sweep's `summary.csv` is newer than every job folder and every job's row: then
+    no job was added, re-run or set aside since the report was written.
+    """
+    summary = sweep / "summary.csv"
+    if not summary.is_file():
+        return False
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    stamps = [p.stat().st_mtime_ns for p in jobs] + [
+        (p / ROW_FILE).stat().st_mtime_ns for p in jobs if (p / ROW_FILE).is_file()
+    ]
+    return all(t < summary.stat().st_mtime_ns for t in stamps)
+
+
+class ReportCallback(Callback):
+    """Hydra callback: the sweep's tables and plots once every job has ended (any launcher)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        sweep = Path(config.hydra.sweep.dir)
+        if not any(sweep.glob(f"*/{ROW_FILE}")):
+            return
+        if report_is_current(sweep):
+            log.info("report of %s is up to date: no job ran since it was written", sweep)
+        else:
+            from harness.report import write_report  # matplotlib and pandas: only when needed
+
+            write_report(sweep)
+        print(f"results: {sweep}/summary.md")

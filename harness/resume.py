@@ -1,0 +1,131 @@
+"""Which job folders hold complete results, and setting the others aside before a job runs again.
+
+A job's results are complete when its `run.json` parses, carries the hash of the job's resolved
+config, and every file it lists in `files` exists with the size listed there. Each file is written
+through a temporary and renamed into place, `run.json` last, so a job killed at any moment leaves
+either complete results or a folder that this module calls partial and sets aside.
+
+This module imports no torch: `python -m harness resume=true` decides to skip a finished job in
+milliseconds, without loading a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("harness")
+ROW_FILE = "run.json"
+# What a job writes; anything else in its folder (Hydra's `.hydra/`, the log) is not its results.
+RESULT_FILES = ("curves.csv", "scores.csv", "kernels.csv", "attributions.npz", ROW_FILE)
+# Keys that say how to run a job, not what it computes: they are left out of its hash.
+NOT_HASHED = ("resume", "progress")
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of a JSON-like value (keys sorted)."""
+    text = json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of the job's resolved config, less the keys in `NOT_HASHED`.
+
+    Example:
+        >>> a = OmegaConf.create({"seed": 0, "resume": False, "method": {"steps": "${seed}"}})
+        >>> b = OmegaConf.create({"seed": 0, "resume": True, "method": {"steps": 0}})
+        >>> config_hash(a) == config_hash(b)
+        True
+    """
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    return digest({k: v for k, v in plain.items() if k not in NOT_HASHED})
+
+
+@dataclass
+class JobState:
+    """What a job folder holds.
+
+    Attributes:
+        row: the results row when the results are complete, else None.
+        problem: why the folder's results cannot be used (partial, corrupt, another config), or
+            None when they are complete or when there are none.
+    """
+
+    row: dict[str, Any] | None
+    problem: str | None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the folder holds complete results."""
+        return self.row is not None
+
+
+def read_job(folder: Path, config: str | None = None) -> JobState:
+    """Check a job folder's results; with `config` (a `config_hash`), also that they are that job's."""
+    present = [name for name in RESULT_FILES if (folder / name).is_file()]
+    if ROW_FILE not in present:
+        problem = f"has {', '.join(present)} but no {ROW_FILE} (killed while writing?)" if present else None
+        return JobState(None, problem)
+    try:
+        row = json.loads((folder / ROW_FILE).read_text())
+    except (ValueError, OSError) as e:
+        return JobState(None, f"{ROW_FILE} cannot be read ({e}): truncated or corrupt")
+    if not isinstance(row, dict) or not isinstance(row.get("files"), dict):
+        return JobState(None, f"{ROW_FILE} lists no result files (corrupt, or written by an older version)")
+    for name, size in row["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            return JobState(None, f"{name} is {found}, {ROW_FILE} says {size} bytes")
+    if config is not None and row.get("config_hash") != config:
+        return JobState(None, f"results of another config (hash {row.get('config_hash')}, this job {config})")
+    return JobState(row, None)
+
+
+def set_aside(folder: Path, reason: str) -> Path | None:
+    """Move the result files in `folder` (and temporaries of interrupted writes) into a new
+    `stale-<time>/` subfolder with `reason.txt`, so that nothing is lost or merged. Returns it, or
+    None when there was nothing to move.
+    """
+    files = [folder / n for n in RESULT_FILES if (folder / n).is_file()]
+    files += [p for p in folder.glob(".*.tmp") if p.is_file()]
+    if not files:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder / f"stale-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder / f"stale-{stamp}-{n}"
+    aside.mkdir()
+    for path in files:
+        os.replace(path, aside / path.name)
+    (aside / "reason.txt").write_text(reason + "\n")
+    return aside
+
+
+def complete_jobs(sweep: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The complete job folders of a sweep (or the folder itself, for a single run), by name, with
+    their rows. Folders with partial or corrupt results are reported in the log and left out.
+    """
+    folders = {p.parent for name in RESULT_FILES for p in sweep.glob(f"*/{name}")}
+    if (sweep / ROW_FILE).is_file():
+        folders.add(sweep)
+    jobs = []
+    for folder in sorted(folders, key=lambda p: p.name):
+        state = read_job(folder)
+        if state.row is None:
+            if state.problem:
+                log.warning("left out %s: %s", folder, state.problem)
+            continue
+        jobs.append((folder, state.row))
+    return jobs
