@@ -1,6 +1,7 @@
-"""Entry point: `python -m harness` runs jobs, one (model, data, method, device, seed) cell each.
+"""One job: one (model, data, method, device, seed) cell of a sweep (`harness.app` is the Hydra app).
 
-`build(cfg)` does all instantiation; `run_job` attributes, scores, times and writes the job's results.
+`build(cfg)` does all instantiation; `run_job` attributes (or, with `phase=evaluate`, loads saved
+maps), scores, times and writes the job's results.
 """
 
 from __future__ import annotations

@@ -1,0 +1,233 @@
+"""Sweeps at scale, end to end: Hydra's launchers, resume after a kill, corrupt job folders, and
+re-scoring saved maps. Every sweep is the same 2x2 (saliency and RISE, seeds 0 and 1) on the small
+CNN, compared with one run of it by the basic launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from harness.resume import RESULT_FILES, read_job
+from tests.conftest import CONF, REPO
+
+SWEEP = ["model=small_cnn", "method=saliency,rise", "seed=0,1", "device=cpu", "data.num_images=3"]
+AUCS = ["deletion_auc", "insertion_auc"]
+pytestmark = pytest.mark.slow
+
+
+def harness(*args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *python, "-m", "harness", "-m", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def by_job(folder: Path) -> pd.DataFrame:
+    rows = pd.read_csv(folder / "summary.csv")
+    return rows.set_index(["method", "seed"]).sort_index()
+
+
+def snapshot(job: Path) -> dict[str, tuple[int, bytes]]:
+    """Each result file's modification time and bytes."""
+    return {n: ((job / n).stat().st_mtime_ns, (job / n).read_bytes()) for n in RESULT_FILES}
+
+
+@pytest.fixture(scope="module")
+def basic(tmp_path_factory) -> Path:
+    sweep = tmp_path_factory.mktemp("basic") / "sweep"
+    r = harness(*SWEEP, f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert len(by_job(sweep)) == 4
+    return sweep
+
+
+def assert_same_aucs(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert list(a.index) == list(b.index)
+    for col in AUCS:
+        assert (a[col] - b[col]).abs().max() <= 1e-6, col
+
+
+@pytest.mark.parametrize(
+    "launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]]
+)
+def test_launchers_give_the_rows_of_the_basic_launcher(basic, tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    r = harness(*SWEEP, *launcher, f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    rows = by_job(sweep)  # written by the report callback at the end of the sweep
+    assert len(rows) == 4 and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
+    assert_same_aucs(rows, by_job(basic))
+
+
+def test_a_sweep_killed_after_its_first_job_resumes_without_redoing_it(basic, tmp_path):
+    sweep = tmp_path / "sweep"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "harness", "-m", *SWEEP, f"hydra.sweep.dir={sweep}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(sweep.glob("*/run.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = [p.parent for p in sweep.glob("*/run.json")]
+    assert done, "no job finished before the deadline"
+    first = done[0]
+    assert read_job(first).complete
+    before = snapshot(first)
+    assert not (sweep / "summary.csv").exists()
+
+    r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert f"{first.name}: complete results of the same config, skipped" in r.stderr
+    assert snapshot(first) == before  # not recomputed: the same bytes, the same modification times
+    rows = by_job(sweep)
+    assert len(rows) == 4
+    assert_same_aucs(rows, by_job(basic))
+
+
+def test_resuming_a_finished_sweep_skips_every_job_and_keeps_the_report(basic, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(basic, sweep)  # keeps modification times
+    jobs = sorted(p.parent for p in sweep.glob("*/run.json"))
+    before = {job: snapshot(job) for job in jobs}
+    report = (sweep / "summary.csv").stat().st_mtime_ns
+
+    r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}", python=("-X", "importtime"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("skipped (resume=true)") == 4
+    assert "is up to date" in r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "import time:" in line}
+    assert "hydra" in imported and not {"torch", "pandas", "matplotlib"} & imported  # no model work
+    assert {job: snapshot(job) for job in jobs} == before
+    assert (sweep / "summary.csv").stat().st_mtime_ns == report
+
+
+def test_a_truncated_run_json_is_reported_set_aside_and_run_again(basic, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(basic, sweep)
+    broken = sorted(p.parent for p in sweep.glob("*/run.json"))[0]
+    text = (broken / "run.json").read_text()
+    (broken / "run.json").write_text(text[: len(text) // 2])
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "harness.report", str(sweep), "--out", str(tmp_path / "report")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert f"left out {broken}: run.json cannot be read" in listed.stderr
+    assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 3  # never merged
+
+    r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    assert f"{broken.name}: run.json cannot be read" in r.stderr and "truncated or corrupt" in r.stderr
+    assert r.stderr.count("skipped (resume=true)") == 3
+    assert read_job(broken).complete
+    (aside,) = broken.glob("stale-*")
+    assert (aside / "run.json").read_text() == text[: len(text) // 2]  # kept, not lost
+    assert "truncated or corrupt" in (aside / "reason.txt").read_text()
+    assert_same_aucs(by_job(sweep), by_job(basic))
+
+
+def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_methods(basic, tmp_path):
+    sweep = tmp_path / "evaluate"
+    r = harness(*SWEEP, "phase=evaluate", f"maps_from={basic}", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    rows, original = by_job(sweep), by_job(basic)
+    assert_same_aucs(rows, original)
+    assert (rows["phase"] == "evaluate").all() and rows["maps_from"].str.startswith(str(basic)).all()
+    # The method did not run: its timings are the earlier job's, and no method kernels were profiled.
+    assert (rows["method_ms_per_image"] == original["method_ms_per_image"]).all()
+    for job in sweep.glob("*/kernels.csv"):
+        assert "method" not in set(pd.read_csv(job)["phase"])
+    merged = tmp_path / "merged"
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.report", str(basic), str(sweep), "--out", str(merged)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    both = pd.read_csv(merged / "summary.csv")
+    assert len(both) == 8 and sorted(both["phase"].unique()) == ["all", "evaluate"]
+
+    # New metric settings: the same AUCs as a sweep that computes the maps again with them.
+    changed = ["metric=[deletion]", "metric.deletion.steps=7", "metric.deletion.substrate=mean"]
+    again = tmp_path / "again"
+    r = harness(*SWEEP, *changed, "phase=evaluate", f"maps_from={basic}", f"hydra.sweep.dir={again}")
+    assert r.returncode == 0, r.stderr
+    fresh = tmp_path / "fresh"
+    r = harness(*SWEEP, *changed, f"hydra.sweep.dir={fresh}")
+    assert r.returncode == 0, r.stderr
+    a, b = by_job(again), by_job(fresh)
+    assert (a["deletion.steps"] == 7).all()
+    assert (a["deletion_auc"] - b["deletion_auc"]).abs().max() <= 1e-6
+
+
+def test_evaluate_without_matching_maps_says_what_the_folder_holds(basic, tmp_path):
+    r = harness(
+        "model=small_cnn", "method=occlusion", "device=cpu", "data.num_images=3", "phase=evaluate",
+        f"maps_from={basic}", f"hydra.sweep.dir={tmp_path / 'x'}",
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "holds no maps of small_cnn/photos/occlusion seed 0" in r.stderr
+    assert "small_cnn/photos/rise seed 1" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "x").glob("*/run.json"))
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    """The `python -m harness` commands in a section of the README, as argument lists."""
+    text = (REPO / "README.md").read_text().split(f"### {section}\n", 1)[1].split("\n#", 1)[0]
+    return [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("python -m harness")]
+
+
+def sweep_values(overrides: list[str]) -> list[list[str]]:
+    """One job's overrides per value of each swept key (`k=a,b`), the others at their first value."""
+    plain = [o for o in overrides if o not in ("-m", "--multirun")]
+    swept = [i for i, o in enumerate(plain) if "," in o and "[" not in o]
+    first = [o.split(",")[0] if i in swept else o for i, o in enumerate(plain)]
+    jobs = [first]
+    for i in swept:
+        key, values = plain[i].split("=", 1)
+        jobs += [first[:i] + [f"{key}={v}"] + first[i + 1 :] for v in values.split(",")[1:]]
+    return jobs
+
+
+def test_the_readme_slurm_example_composes():
+    import harness.app  # noqa: F401  (registers the resolvers that the configs use)
+
+    commands = readme_commands("On a Slurm cluster")
+    assert len(commands) == 2
+    for overrides in commands:
+        for job in sweep_values(overrides):
+            with initialize_config_dir(str(CONF), version_base="1.3"):
+                cfg = compose("config", job, return_hydra_config=True)
+            launcher = cfg.hydra.launcher
+            assert launcher._target_.endswith("SlurmLauncher")
+            assert (launcher.partition, launcher.gpus_per_node) == ("gpu", 1)
+            assert launcher.timeout_min in (60, 720) and cfg.device.name == "cuda"
+            instantiate(cfg.model, _partial_=True)
+            instantiate(cfg.method)
+            json.dumps(OmegaConf.to_container(launcher, resolve=True))  # what submitit passes to sbatch
