@@ -54,11 +54,17 @@ def _json_value(v: Any) -> Any:
 
 
 def atomic_write(path: Path, write: Any) -> None:
-    """Write a file through a temporary in the same folder and rename it into place."""
+    """Write a file through a temporary in the same folder and rename it into place, so that
+    readers (and a job killed mid-write) see the old file or the whole new one, never a part.
+    The temporary is flushed to disk first: a lost node or a shared file system's client cache
+    must not leave the rename without the data.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
