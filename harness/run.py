@@ -50,7 +50,7 @@ from harness.timing import (
     peak_memory_mb,
     profile_call,
 )
-from methods import EAGER_ONLY
+from methods import EAGER_ONLY, FORWARD_ONLY
 from methods.common import seed_all
 from metrics import Curve
 
@@ -136,15 +136,19 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Job:
     budget = float(cfg.device.memory_budget) * free
     sizes = list(cfg.device.batch_sizes or DEFAULT_BATCH_SIZES[device.type])
     speed = ModelSpeed(model, data.images, device, options.memory_format)
+    name = _function_name(cfg.method)
+    # Only jobs whose method backpropagates time and size forward+backward passes.
+    kinds = {"forward": False} | ({} if _forward_only(cfg, name) else {"forward_backward": True})
     with options.autocast(device):
         memory = {
             kind: image_memory(clf.module, data.images, device, grad, options.memory_format)
-            for kind, grad in (("forward", False), ("forward_backward", True))
+            for kind, grad in kinds.items()
         }
-        candidates = {}
+        candidates: dict[str, list[int]] = {"batch_size": [], "grad_batch_size": []}
         for key, kind in (("batch_size", "forward"), ("grad_batch_size", "forward_backward")):
             fixed = cfg.device[key]
-            candidates[key] = [fixed] if fixed else fitting_sizes(sizes, memory[kind], budget, kind)
+            if kind in memory:
+                candidates[key] = [fixed] if fixed else fitting_sizes(sizes, memory[kind], budget, kind)
         cfg.device.batch_size, cfg.device.grad_batch_size = speed.choose(
             candidates["batch_size"], candidates["grad_batch_size"]
         )
@@ -152,12 +156,16 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Job:
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     method = instantiate(cfg.method)
-    name = _function_name(cfg.method)
     progress = Progress(f"{name} on {clf.name}/{data.name}", cfg.get("progress"))
     mb = budget / 2**20
     return Job(
         cfg, device, options, clf, model, data, name, method, metrics, speed, memory, mb, folded, progress
     )
+
+
+def _forward_only(cfg: DictConfig, method: str) -> bool:
+    """Whether the job runs plain forwards only: a forward-only method, or scoring saved maps."""
+    return method in FORWARD_ONLY or cfg.get("phase") == "evaluate"
 
 
 def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Tensor:
@@ -374,7 +382,9 @@ def _run(cfg: DictConfig, out: Path, device: torch.device, config: str) -> dict[
             "memory_budget": float(cfg.device.memory_budget),
             "memory_budget_mb": job.memory_budget_mb,
             "forward_mb_per_image": job.memory["forward"].per_image / 2**20,
-            "forward_backward_mb_per_image": job.memory["forward_backward"].per_image / 2**20,
+            "forward_backward_mb_per_image": (
+                job.memory["forward_backward"].per_image / 2**20 if "forward_backward" in job.memory else None
+            ),
             "memory_estimate": job.memory["forward"].how,
             "top1_equals_label": _agreement(target, job.data.labels),
             "forward_ms_per_image": speed.forward_ms,

@@ -138,17 +138,15 @@ def plot_throughput(rows: pd.DataFrame, path: Path) -> None:
     """Model images per second against the chunk size, plain forward and forward+backward."""
     varying = [c for c in varying_options(rows) if c != "memory_budget"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
-    seen = set()
+    seen = set()  # one line per model and options in each panel (forward-only jobs time no backward)
     for _, r in rows.iterrows():
         options = f", {_option_label(r, varying)}" if varying else ""
         label = f"{r['model']} ({r['device']}{options})"
-        if label in seen:
-            continue
-        seen.add(label)
         for ax, key in zip(axes[0], ("forward_ms_by_batch", "forward_backward_ms_by_batch"), strict=True):
             by_batch = r.get(key)
-            if not isinstance(by_batch, dict) or not by_batch:
+            if not isinstance(by_batch, dict) or not by_batch or (label, key) in seen:
                 continue
+            seen.add((label, key))
             sizes = sorted(by_batch, key=int)
             ax.plot([int(s) for s in sizes], [1e3 / by_batch[s] for s in sizes], "o-", label=label)
     for ax, title in zip(axes[0], ("plain forward", "forward+backward"), strict=True):

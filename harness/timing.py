@@ -183,11 +183,12 @@ class ModelSpeed:
     ) -> None:
         self.model, self.sample, self.device = model, sample, device
         self.memory_format, self.min_images = memory_format, min_images
-        self.batch_size = self.grad_batch_size = 1
+        self.batch_size: int = 1
+        self.grad_batch_size: int | None = 1
         self.per_batch_ms: dict[int, float] = {}
         self.per_batch_backward_ms: dict[int, float] = {}
         self.forward_ms = float("inf")
-        self.forward_backward_ms = float("inf")
+        self.forward_backward_ms: float | None = float("inf")
         self._tiled: dict[int, torch.Tensor] = {}
 
     def _inputs(self, bs: int) -> torch.Tensor:
@@ -214,16 +215,21 @@ class ModelSpeed:
 
     def choose(
         self, forward_sizes: Sequence[int], backward_sizes: Sequence[int], repeats: int = 3
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int | None]:
         """Time loops at each candidate size and keep, for each kind of pass, the largest size that
-        runs within 5% of the best time per image (on a GPU, the largest that fits).
+        runs within 5% of the best time per image (on a GPU, the largest that fits). No backward
+        sizes (a job that only runs forwards): no forward+backward loops, and `grad_batch_size`
+        stays None.
         """
         self.per_batch_ms = {bs: self._loop_ms(False, bs, repeats) for bs in sorted(forward_sizes)}
         self.per_batch_backward_ms = {bs: self._loop_ms(True, bs, repeats) for bs in sorted(backward_sizes)}
         self.batch_size = fastest(self.per_batch_ms)
-        self.grad_batch_size = fastest(self.per_batch_backward_ms)
         self.forward_ms = self.per_batch_ms[self.batch_size]
-        self.forward_backward_ms = self.per_batch_backward_ms[self.grad_batch_size]
+        if self.per_batch_backward_ms:
+            self.grad_batch_size = fastest(self.per_batch_backward_ms)
+            self.forward_backward_ms = self.per_batch_backward_ms[self.grad_batch_size]
+        else:
+            self.grad_batch_size, self.forward_backward_ms = None, None
         return self.batch_size, self.grad_batch_size
 
     def now(self, forward: bool = True, backward: bool = True) -> tuple[float, float]:
@@ -231,10 +237,15 @@ class ModelSpeed:
 
         The shapes were warmed up by `choose`, so no warm-up call is spent here.
         """
-        f = self._loop_ms(False, self.batch_size, 1, warm=True) if forward else float("nan")
-        b = self._loop_ms(True, self.grad_batch_size, 1, warm=True) if backward else float("nan")
-        self.forward_ms = min(self.forward_ms, f) if forward else self.forward_ms
-        self.forward_backward_ms = min(self.forward_backward_ms, b) if backward else self.forward_backward_ms
+        f = b = float("nan")
+        if forward:
+            f = self._loop_ms(False, self.batch_size, 1, warm=True)
+            self.forward_ms = min(self.forward_ms, f)
+        if backward:
+            if self.grad_batch_size is None or self.forward_backward_ms is None:
+                raise RuntimeError("a call backpropagated in a job that chose no forward+backward size")
+            b = self._loop_ms(True, self.grad_batch_size, 1, warm=True)
+            self.forward_backward_ms = min(self.forward_backward_ms, b)
         return f, b
 
 

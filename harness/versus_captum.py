@@ -88,6 +88,7 @@ def check(setting: str, repeats: int, device: torch.device) -> list[dict[str, An
     speed = ModelSpeed(model, x, device, torch.channels_last)
     sizes = DEFAULT_BATCH_SIZES[device.type]
     bs, grad_bs = speed.choose(sizes, sizes)
+    assert grad_bs is not None  # backward sizes were given
     log.info("%s: batch sizes %d (forward), %d (forward+backward)", setting, bs, grad_bs)
     occ: dict[str, Any] = {"window": WINDOW, "stride": STRIDE, "chunk_size": bs}
     maps = methods.saliency(model, x, t, chunk_size=grad_bs)

@@ -11,10 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness.run import HarnessError, resolve_device
+from methods import FORWARD_ONLY
 from tests.conftest import CONF
 
-# Methods that only run forwards (no autograd); the rest backpropagate.
-FORWARD_ONLY = {"occlusion", "rise", "random"}
 GROUPS = ("model", "data", "method", "metric", "device", "experiment")
 
 

@@ -177,6 +177,24 @@ def test_budget_sets_the_chunk_sizes(tmp_path, monkeypatch):
     assert not (tmp_path / "bad").exists()
 
 
+def test_forward_only_jobs_time_and_size_no_backward_passes(tmp_path):
+    """Occlusion, and re-scoring saved maps, run plain forwards only: no forward+backward loops
+    are timed and no forward+backward memory is estimated; the bounds stay forward bounds.
+    """
+    saliency = run_job(job_config(), tmp_path / "saliency")
+    occlusion = run_job(
+        job_config("method=occlusion", "method.window=16", "method.stride=16"), tmp_path / "occ"
+    )
+    rescored = run_job(job_config("phase=evaluate", f"maps_from={tmp_path}"), tmp_path / "evaluate")
+    for row in (occlusion, rescored):
+        assert row["grad_batch_size"] is None and row["forward_backward_ms_by_batch"] == {}
+        assert row["forward_backward_ms_per_image"] is None and row["forward_backward_mb_per_image"] is None
+        assert row["batch_size"] >= 1 and row["deletion_bound_ratio"] > 0
+    assert occlusion["method_bound_ratio"] > 0 and occlusion["method_backwards_per_image"] == 0
+    assert saliency["grad_batch_size"] >= 1 and saliency["forward_backward_ms_per_image"] > 0
+    assert rescored["deletion_auc"] == pytest.approx(saliency["deletion_auc"], abs=1e-6)
+
+
 # Same answers ----------------------------------------------------------------------------------------
 
 
