@@ -152,7 +152,7 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Job:
         cfg.device.batch_size, cfg.device.grad_batch_size = speed.choose(
             candidates["batch_size"], candidates["grad_batch_size"]
         )
-    metrics = {name: instantiate(node) for name, node in cfg.metric.items()}
+    metrics = {metric: instantiate(node) for metric, node in cfg.metric.items()}
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     method = instantiate(cfg.method)
