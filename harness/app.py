@@ -21,6 +21,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import HarnessError
@@ -29,6 +30,8 @@ from harness.resume import ROW_FILE, config_hash, digest, read_job, set_aside
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ("model", "data", "method", "metric", "device", "experiment")
+# A job of a sweep that failed with a message leaves it here (and no results).
+ERROR_FILE = "error.txt"
 
 
 def gpu_count() -> int:
@@ -83,6 +86,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     """The row of the job's complete results when `resume` may keep them, else None after moving
     whatever results the folder holds aside (and saying why).
     """
+    (out / ERROR_FILE).unlink(missing_ok=True)
     state = read_job(out, config_hash(cfg))
     if state.row is not None and cfg.resume:
         log.info("%s: complete results of the same config, skipped (resume=true)", out.name or out)
@@ -112,7 +116,11 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return run_job(cfg, out)
     except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
         log.error("%s", e)
-        raise SystemExit(1) from None
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise SystemExit(1) from None
+        # In a sweep the other jobs go on; ReportCallback names the failed ones and exits non-zero.
+        (out / ERROR_FILE).write_text(f"{e}\n")
+        return None
 
 
 def report_is_current(sweep: Path) -> bool:
@@ -130,16 +138,27 @@ def report_is_current(sweep: Path) -> bool:
 
 
 class ReportCallback(Callback):
-    """Hydra callback: the sweep's tables and plots once every job has ended (any launcher)."""
+    """Hydra callback: the sweep's tables and plots once every job has ended (any launcher), then
+    the jobs that failed with a message, if any, each named, and a non-zero exit.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        for old in Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"):  # of an earlier run
+            old.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         sweep = Path(config.hydra.sweep.dir)
-        if not any(sweep.glob(f"*/{ROW_FILE}")):
-            return
-        if report_is_current(sweep):
-            log.info("report of %s is up to date: no job ran since it was written", sweep)
-        else:
-            from harness.report import write_report  # matplotlib and pandas: only when needed
+        if any(sweep.glob(f"*/{ROW_FILE}")):
+            if report_is_current(sweep):
+                log.info("report of %s is up to date: no job ran since it was written", sweep)
+            else:
+                from harness.report import write_report  # matplotlib and pandas: only when needed
 
-            write_report(sweep)
-        print(f"results: {sweep}/summary.md")
+                write_report(sweep)
+            print(f"results: {sweep}/summary.md")
+        failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
+        for path in failed:
+            log.error("failed: %s: %s", path.parent.name, path.read_text().strip())
+        if failed:
+            log.error("%d job(s) failed; after fixing, run the same command with resume=true", len(failed))
+            raise SystemExit(1)

@@ -186,6 +186,21 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
     assert (a["deletion_auc"] - b["deletion_auc"]).abs().max() <= 1e-6
 
 
+def test_a_failed_job_leaves_the_others_running_and_the_sweep_exits_nonzero(tmp_path):
+    r = harness(
+        "model=small_cnn", "method=occlusion", "method.window=8", "method.stride=5,8", "device=cpu",
+        "data.num_images=1", "metric=[deletion]", f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    bad = "data.num_images=1,device=cpu,method.stride=5,method.window=8,method=occlusion"
+    assert f"failed: {bad}" in r.stderr and "window=8, stride=5 do not tile" in r.stderr
+    assert "1 job(s) failed; after fixing, run the same command with resume=true" in r.stderr
+    rows = pd.read_csv(tmp_path / "summary.csv")  # the report of the jobs that ended well
+    assert list(rows["method.stride"]) == [8]
+    (failed,) = [p.parent for p in tmp_path.glob("*/error.txt")]
+    assert not read_job(failed).complete and not read_job(failed).problem  # no result files at all
+
+
 def test_evaluate_without_matching_maps_says_what_the_folder_holds(basic, tmp_path):
     r = harness(
         "model=small_cnn", "method=occlusion", "device=cpu", "data.num_images=3", "phase=evaluate",
