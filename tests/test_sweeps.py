@@ -246,3 +246,14 @@ def test_the_readme_slurm_example_composes():
             instantiate(cfg.model, _partial_=True)
             instantiate(cfg.method)
             json.dumps(OmegaConf.to_container(launcher, resolve=True))  # what submitit passes to sbatch
+
+
+def test_the_gpus_preset_has_a_worker_per_visible_gpu():
+    import torch
+
+    import harness.app  # noqa: F401  (registers gpu_count)
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=gpus"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.hydra.launcher.n_jobs == max(1, torch.cuda.device_count())
