@@ -86,7 +86,6 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     """The row of the job's complete results when `resume` may keep them, else None after moving
     whatever results the folder holds aside (and saying why).
     """
-    (out / ERROR_FILE).unlink(missing_ok=True)
     state = read_job(out, config_hash(cfg))
     if state.row is not None and cfg.resume:
         log.info("%s: complete results of the same config, skipped (resume=true)", out.name or out)

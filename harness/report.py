@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from harness.results import atomic_write, load_rows, metric_names, read_maps  # noqa: E402
-from harness.speed_report import write_timing  # noqa: E402
+from harness.speed_report import save_figure, write_timing  # noqa: E402
 from metrics import HIGHER_IS_BETTER  # noqa: E402
 
 log = logging.getLogger("harness.report")
@@ -125,7 +125,7 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
             ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=120)
 
 
 def _display(a: torch.Tensor) -> tuple[torch.Tensor, str, float]:
@@ -158,7 +158,7 @@ def plot_grid(rows: pd.DataFrame, path: Path) -> None:
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    _save(fig, path, dpi=72)  # a dozen methods by eight images: keep the file small
+    save_figure(fig, path, dpi=72)  # a dozen methods by eight images: keep the file small
 
 
 def plot_time_vs_insertion(rows: pd.DataFrame, path: Path) -> None:
@@ -173,12 +173,7 @@ def plot_time_vs_insertion(rows: pd.DataFrame, path: Path) -> None:
     ax.set(xscale="log", xlabel="method time per image (ms, log)", ylabel="insertion AUC (higher is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path, dpi: int = 120) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(*sweeps: Path, out: Path | None = None) -> Path:

@@ -22,9 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from harness.resume import ROW_FILE, complete_jobs
-
-MAPS_FILE = "attributions.npz"
+from harness.resume import MAPS_FILE, ROW_FILE, complete_jobs
 
 
 def bootstrap_ci(

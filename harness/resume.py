@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("harness")
 ROW_FILE = "run.json"
+MAPS_FILE = "attributions.npz"
 # What a job writes; anything else in its folder (Hydra's `.hydra/`, the log) is not its results.
-RESULT_FILES = ("curves.csv", "scores.csv", "kernels.csv", "attributions.npz", ROW_FILE)
+RESULT_FILES = ("curves.csv", "scores.csv", "kernels.csv", MAPS_FILE, ROW_FILE)
 # Keys that say how to run a job, not what it computes: they are left out of its hash.
 NOT_HASHED = ("resume", "progress")
 

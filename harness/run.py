@@ -292,6 +292,14 @@ def explain_key(cfg: DictConfig, device: torch.device) -> str:
     return digest(what | {"device": device.type, "precision": plain["device"]["precision"]})
 
 
+@cache
+def _complete_jobs(root: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The finished sweep's complete jobs, read once per process: the jobs of an evaluate sweep that
+    share a process (basic and joblib launchers) would otherwise each read every `run.json`.
+    """
+    return complete_jobs(root)
+
+
 def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
     """The folder, row and arrays of the job in `cfg.maps_from` whose maps this job scores."""
     if not cfg.get("maps_from"):
@@ -299,7 +307,7 @@ def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[st
     root = Path(cfg.maps_from)
     if not root.is_dir():
         raise HarnessError(f"maps_from={root}: no such folder; expected the folder of an earlier sweep")
-    jobs = complete_jobs(root)
+    jobs = _complete_jobs(root)
     found = [(folder, row) for folder, row in jobs if row.get("explain_key") == key]
     if not found:
         model = cfg.model.get("arch") or _function_name(cfg.model)

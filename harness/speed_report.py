@@ -154,7 +154,7 @@ def plot_throughput(rows: pd.DataFrame, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _job_labels(rows: pd.DataFrame) -> list[str]:
@@ -190,7 +190,7 @@ def plot_kernels(rows: pd.DataFrame, path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _wide(values: pd.Series) -> bool:
@@ -216,7 +216,7 @@ def plot_bound(rows: pd.DataFrame, path: Path) -> None:
     ax.set_yticklabels(labels, fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_memory(rows: pd.DataFrame, path: Path) -> None:
@@ -228,11 +228,12 @@ def plot_memory(rows: pd.DataFrame, path: Path) -> None:
     ax.set(yticks=list(range(len(rows))), xlabel=f"peak memory, MiB ({kind})")
     ax.set_yticklabels(labels, fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Write a figure as PNG, atomically, and free it."""
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
     plt.close(fig)
 
 
