@@ -37,9 +37,9 @@ bench-baseline: $(STAMP)
 	$(BENCH) --benchmark-save=baseline
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check harness methods metrics tests
-	$(VENV)/bin/ruff format --check harness methods metrics tests
-	$(VENV)/bin/mypy harness methods metrics
+	$(VENV)/bin/ruff check harness methods metrics hydra_plugins tests
+	$(VENV)/bin/ruff format --check harness methods metrics hydra_plugins tests
+	$(VENV)/bin/mypy harness methods metrics hydra_plugins
 
 clean:
 	rm -rf $(VENV)

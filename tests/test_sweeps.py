@@ -100,22 +100,29 @@ def test_a_sweep_killed_after_its_first_job_resumes_without_redoing_it(basic, tm
     r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     assert f"{first.name}: complete results of the same config, skipped" in r.stderr
+    assert f"resume: {len(done)} job(s) skipped, {4 - len(done)} launched" in r.stderr
     assert snapshot(first) == before  # not recomputed: the same bytes, the same modification times
     rows = by_job(sweep)
     assert len(rows) == 4
     assert_same_aucs(rows, by_job(basic))
 
 
-def test_resuming_a_finished_sweep_skips_every_job_and_keeps_the_report(basic, tmp_path):
+@pytest.mark.parametrize("sweeper", ["basic_resume", "basic"])
+def test_resuming_a_finished_sweep_skips_every_job_and_keeps_the_report(basic, tmp_path, sweeper):
     sweep = tmp_path / "sweep"
     shutil.copytree(basic, sweep)  # keeps modification times
     jobs = sorted(p.parent for p in sweep.glob("*/run.json"))
     before = {job: snapshot(job) for job in jobs}
     report = (sweep / "summary.csv").stat().st_mtime_ns
 
-    r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}", python=("-X", "importtime"))
+    args = (*SWEEP, "resume=true", f"hydra/sweeper={sweeper}", f"hydra.sweep.dir={sweep}")
+    r = harness(*args, python=("-X", "importtime"))
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("skipped (resume=true)") == 4
+    if sweeper == "basic_resume":  # the harness's sweeper launches none of them
+        assert "resume: 4 job(s) skipped, 0 launched" in r.stderr and "Launching" not in r.stderr
+    else:  # any other sweeper launches them all, and each job skips itself
+        assert "Launching 4 jobs locally" in r.stderr
     assert "is up to date" in r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "import time:" in line}
     assert "hydra" in imported and not {"torch", "pandas", "matplotlib"} & imported  # no model work
