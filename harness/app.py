@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import HarnessError
-from harness.resume import ROW_FILE, config_hash, digest, read_job, set_aside
+from harness.resume import ROW_FILE, digest, job_state, set_aside
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -86,9 +86,8 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     """The row of the job's complete results when `resume` may keep them, else None after moving
     whatever results the folder holds aside (and saying why).
     """
-    state = read_job(out, config_hash(cfg))
-    if state.row is not None and cfg.resume:
-        log.info("%s: complete results of the same config, skipped (resume=true)", out.name or out)
+    state = job_state(cfg, out)
+    if state.kept:
         return state.row
     reason = state.problem or "complete results, computed again because resume=false"
     aside = set_aside(out, reason)

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,13 @@ class JobState:
         row: the results row when the results are complete, else None.
         problem: why the folder's results cannot be used (partial, corrupt, another config), or
             None when they are complete or when there are none.
+        kept: whether the job asks to resume and the results are complete and its own, so the job
+            is not run again (set by `job_state`).
     """
 
     row: dict[str, Any] | None
     problem: str | None
+    kept: bool = False
 
     @property
     def complete(self) -> bool:
@@ -90,6 +93,18 @@ def read_job(folder: Path, config: str | None = None) -> JobState:
     if config is not None and row.get("config_hash") != config:
         return JobState(None, f"results of another config (hash {row.get('config_hash')}, this job {config})")
     return JobState(row, None)
+
+
+def job_state(cfg: DictConfig, folder: Path) -> JobState:
+    """What `folder` holds for the job composed as `cfg` (its config hash checked), and whether
+    `resume=true` keeps it. The one place that decides and logs a skip, whether the sweeper asks
+    before launching (`hydra_plugins.harness_sweeper`) or the job itself (`harness.app.prepare`).
+    """
+    state = read_job(folder, config_hash(cfg))
+    if not (state.complete and cfg.get("resume")):
+        return state
+    log.info("%s: complete results of the same config, skipped (resume=true)", folder.name or folder)
+    return replace(state, kept=True)
 
 
 def set_aside(folder: Path, reason: str) -> Path | None:

@@ -2,7 +2,7 @@
 
 Hydra's `BasicSweeper` composes every job's config in the sweeping process to catch composition
 errors early, then hands all jobs to the launcher. `ResumeSweeper` uses that same composition to
-decide, from the job's folder alone (`harness.resume.read_job`), whether the job already has
+decide, from the job's folder alone (`harness.resume.job_state`), whether the job already has
 complete results of the same config; only the other jobs go to the launcher. A resumed sweep of
 thousands of Slurm jobs then submits only the unfinished ones instead of an array of no-op tasks,
 and a finished sweep resumes without starting a single job. Each job still checks its folder
@@ -25,23 +25,23 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from harness.resume import config_hash, read_job
+from harness.resume import job_state
 
 log = logging.getLogger("harness")
 
 
-def finished(job: DictConfig) -> Path | None:
-    """The folder of a composed job (Hydra's config of one job, `hydra` node included) when the
-    job asks to resume and its folder holds complete results of the same config, else None.
+def finished(job: DictConfig) -> bool:
+    """Whether a composed job (Hydra's config of one job, `hydra` node included) asks to resume
+    and its folder holds complete results of the same config; `job_state` logs the skip.
     """
     if not job.get("resume"):
-        return None
+        return False
     folder = Path(job.hydra.sweep.dir, job.hydra.sweep.subdir).absolute()
     HydraConfig.instance().set_config(job)  # as the launcher does, for `${hydra:...}` in the config
     task = copy.deepcopy(job)  # the task's config, as `hydra.core.utils.run_job` makes it
     with read_write(task), open_dict(task):
         del task["hydra"]
-    return folder if read_job(folder, config_hash(task)).complete else None
+    return job_state(task, folder).kept
 
 
 class ResumeSweeper(BasicSweeper):
@@ -52,7 +52,7 @@ class ResumeSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:  # noqa: D102
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         loader = self.hydra_context.config_loader
-        params = [f"{key}={value}" for key, value in (self.params or {}).items()] + list(arguments)
+        params = self._parse_config() + list(arguments)  # `hydra.sweeper.params`, then the command line
         overrides = OverridesParser.create(config_loader=loader).parse_overrides(params)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -64,12 +64,10 @@ class ResumeSweeper(BasicSweeper):
             todo = []
             for job in batch:
                 # Composing each job here also checks it before any is launched, as BasicSweeper does.
-                folder = finished(loader.load_sweep_config(self.config, list(job)))
-                if folder is None:
-                    todo.append(job)
-                else:
+                if finished(loader.load_sweep_config(self.config, list(job))):
                     skipped += 1
-                    log.info("%s: complete results of the same config, skipped (resume=true)", folder.name)
+                else:
+                    todo.append(job)
             if todo:
                 results = self.launcher.launch(todo, initial_job_idx=launched)
                 for result in results:
