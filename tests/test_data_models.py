@@ -105,7 +105,30 @@ def test_torchvision_checkpoint_is_loaded(tmp_path):
 
 
 def test_random_weights_are_marked_not_pretrained():
-    assert not torchvision_classifier("alexnet", "features.11").pretrained
+    clf = torchvision_classifier("alexnet", "features.11", seed=4)
+    assert not clf.pretrained and clf.seed == 4
+
+
+@pytest.mark.parametrize("build", [
+    lambda seed: torchvision_classifier("resnet18", "layer4", input_size=32, seed=seed),
+    lambda seed: small_cnn(seed=seed),
+])  # fmt: skip
+def test_random_weights_depend_on_the_seed_alone(build):
+    """Whatever ran before in the process (the jobs of a sweep share one under the basic launcher),
+    the same seed draws the same weights, another seed other weights, and the global generator is
+    left as it was.
+    """
+
+    def weights(clf):
+        return torch.cat([p.detach().flatten() for p in clf.module.parameters()])
+
+    first = weights(build(0))
+    torch.manual_seed(123)
+    torch.rand(1000)  # another job's draws
+    state = torch.random.get_rng_state()
+    again = weights(build(0))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(first, again) and not torch.equal(first, weights(build(1)))
 
 
 def test_missing_checkpoint_names_the_path(tmp_path):
@@ -122,4 +145,4 @@ def test_small_cnn_checkpoint_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), trained.module(x))
-    assert loaded.pretrained
+    assert loaded.pretrained and loaded.seed is None
