@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from harness.errors import HarnessError
-from harness.resume import ROW_FILE, digest, job_state, set_aside
+from harness.resume import ROW_FILE, SKIPPED, digest, job_state, set_aside
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +89,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     """
     state = job_state(cfg, out)
     if state.kept:
+        log.info("%s: %s", out.name, SKIPPED)
         return state.row
     reason = state.problem or "complete results, computed again because resume=false"
     aside = set_aside(out, reason)
@@ -102,7 +104,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Run (or, on resume, skip) the job that Hydra composed; bad input exits non-zero with one
     clear message.
     """
-    out = Path(HydraConfig.get().runtime.output_dir)
+    started = time.perf_counter()
+    hydra_cfg = HydraConfig.get()
+    out = Path(hydra_cfg.runtime.output_dir)
     kept = prepare(cfg, out)
     if kept is not None:
         return kept
@@ -111,7 +115,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     from harness.run import run_job  # torch and the models: only for jobs that run
 
     try:
-        return run_job(cfg, out)
+        return run_job(cfg, out, calibration_dir=shared_folder(hydra_cfg), started=started)
     except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -119,6 +123,14 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         # In a sweep the other jobs go on; ReportCallback names the failed ones and exits non-zero.
         (out / ERROR_FILE).write_text(f"{e}\n")
         return None
+
+
+def shared_folder(hydra_cfg: Any) -> Path:
+    """The folder that the jobs of a sweep share (the sweep's; a single run's own), as an absolute
+    path: relative ones are relative to where Hydra was started, wherever a launcher runs the job.
+    """
+    folder = Path(hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.run.dir)
+    return folder if folder.is_absolute() else Path(hydra_cfg.runtime.cwd) / folder
 
 
 def report_is_current(sweep: Path) -> bool:

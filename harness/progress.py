@@ -47,8 +47,8 @@ class Progress:
             yield
         finally:
             handle.remove()
-            if per is None and images > 0:
-                self.passes_per_image[what] = self.bar.n / images
+        if per is None and images > 0:  # a whole call only, not one stopped after its first passes
+            self.passes_per_image[what] = self.bar.n / images
 
     def __enter__(self) -> Progress:
         return self

@@ -69,17 +69,13 @@ def atomic_write(path: Path, write: Any) -> None:
         raise
 
 
-def write_job(
-    folder: Path,
-    row: Mapping[str, Any],
-    tables: Mapping[str, pd.DataFrame],
-    maps: Mapping[str, np.ndarray],
-) -> None:
-    """Write a job's files, each atomically, then `run.json` with the row and the files' sizes.
+def write_files(
+    folder: Path, tables: Mapping[str, pd.DataFrame], maps: Mapping[str, np.ndarray]
+) -> dict[str, int]:
+    """Write a job's tables and maps, each atomically; returns each file's size for `write_row`.
 
     Args:
         folder: the job's folder.
-        row: the results row.
         tables: file name (`curves.csv`, ...) to table.
         maps: the arrays of `attributions.npz` (compressed).
     """
@@ -87,9 +83,23 @@ def write_job(
     for name, table in tables.items():
         atomic_write(folder / name, lambda p, t=table: t.to_csv(p, index=False))
     atomic_write(folder / MAPS_FILE, lambda p: _save_npz(p, maps))
-    files = {name: (folder / name).stat().st_size for name in [*tables, MAPS_FILE]}
-    text = json.dumps({**{k: _json_value(v) for k, v in row.items()}, "files": files}, indent=1)
+    return {name: (folder / name).stat().st_size for name in [*tables, MAPS_FILE]}
+
+
+def write_row(folder: Path, row: Mapping[str, Any], files: Mapping[str, int]) -> None:
+    """Write `run.json`, last: the row and the sizes of the files written before it."""
+    text = json.dumps({**{k: _json_value(v) for k, v in row.items()}, "files": dict(files)}, indent=1)
     atomic_write(folder / ROW_FILE, lambda p: p.write_text(text + "\n"))
+
+
+def write_job(
+    folder: Path,
+    row: Mapping[str, Any],
+    tables: Mapping[str, pd.DataFrame],
+    maps: Mapping[str, np.ndarray],
+) -> None:
+    """Write a job's files (`write_files`), then `run.json` with the row and the files' sizes."""
+    write_row(folder, row, write_files(folder, tables, maps))
 
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

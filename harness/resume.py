@@ -95,15 +95,18 @@ def read_job(folder: Path, config: str | None = None) -> JobState:
     return JobState(row, None)
 
 
+# What the log says of a job that a resume skips.
+SKIPPED = "complete results of the same config, skipped (resume=true)"
+
+
 def job_state(cfg: DictConfig, folder: Path) -> JobState:
     """What `folder` holds for the job composed as `cfg` (its config hash checked), and whether
-    `resume=true` keeps it. The one place that decides and logs a skip, whether the sweeper asks
-    before launching (`hydra_plugins.harness_sweeper`) or the job itself (`harness.app.prepare`).
+    `resume=true` keeps it. The one place that decides a skip, whether the sweeper asks before
+    launching (`hydra_plugins.harness_sweeper`) or the job itself (`harness.app.prepare`).
     """
     state = read_job(folder, config_hash(cfg))
     if not (state.complete and cfg.get("resume")):
         return state
-    log.info("%s: complete results of the same config, skipped (resume=true)", folder.name or folder)
     return replace(state, kept=True)
 
 

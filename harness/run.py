@@ -23,47 +23,22 @@ import torchvision
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from harness.calibration import Calibration, calibrate, settings
 from harness.data import Images
-from harness.device import (
-    DEFAULT_BATCH_SIZES,
-    MemoryModel,
-    SpeedOptions,
-    available_memory,
-    fitting_sizes,
-    fold_batchnorm,
-    halving_on_oom,
-    image_memory,
-    job_device,
-    resolve_device,
-)
+from harness.device import SpeedOptions, available_memory, fold_batchnorm, job_device, resolve_device
 from harness.errors import HarnessError
+from harness.measured import Measured, TimingSettings, kernels_table, measure_call
 from harness.models import Classifier
 from harness.progress import Progress
-from harness.results import bootstrap_ci, read_maps, write_job
+from harness.results import bootstrap_ci, read_maps, write_files, write_row
 from harness.resume import complete_jobs, config_hash, digest
-from harness.timing import (
-    KernelProfile,
-    ModelSpeed,
-    Timing,
-    machine_id,
-    measure,
-    peak_memory_mb,
-    profile_call,
-)
+from harness.timing import ModelSpeed, Stopwatch, machine_id, peak_memory_mb
 from methods import EAGER_ONLY, FORWARD_ONLY
 from methods.common import seed_all
 from metrics import Curve
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
-# Cheap calls repeat while 2 s last, up to 5 times; a call over 2 s is timed once. Each timed call
-# carries its own bound, measured beside it, so a slow minute on the machine slows both alike.
-REPEATS: dict[str, Any] = {"min_repeats": 1, "max_repeats": 5, "budget_s": 2.0}
-# The profiled call covers all images when a timed call took at most this long, else a share of them.
-PROFILE_BUDGET_S = 2.0
-# Kernels (or CPU ops) per method and metric in kernels.csv.
-TOP_KERNELS = 15
-
 PHASES = ("all", "evaluate")
 
 __all__ = ["HarnessError", "Job", "build", "run_job"]
@@ -74,7 +49,8 @@ class Job:
     """Everything a job needs, built from its config.
 
     `model` is what methods and metrics call: the classifier's module, compiled when the device
-    config asks for it (`classifier.module` stays eager).
+    config asks for it (`classifier.module` stays eager). `clock` started with the job and collects
+    where its time goes besides the calls (build, calibration, warm-ups, bound loops, profiles).
     """
 
     cfg: DictConfig
@@ -87,9 +63,10 @@ class Job:
     method: Any
     metrics: dict[str, Any]
     speed: ModelSpeed
-    memory: dict[str, MemoryModel]
-    memory_budget_mb: float
+    calibration: Calibration
     batchnorms_folded: int
+    timing: TimingSettings
+    clock: Stopwatch
     progress: Progress
 
 
@@ -112,55 +89,63 @@ def _check_device_config(node: DictConfig) -> None:
         raise HarnessError(f"device.batch_sizes={sizes!r}; expected null or a list of positive image counts")
 
 
-def build(cfg: DictConfig, device: torch.device | None = None) -> Job:
+def build(
+    cfg: DictConfig,
+    device: torch.device | None = None,
+    calibration_dir: Path | None = None,
+    clock: Stopwatch | None = None,
+) -> Job:
     """Instantiate the job's model, data, method and metrics on its device, with its speed options.
 
     When `device.batch_size` (plain forwards) or `device.grad_batch_size` (forward+backward) is
     null, the candidate `device.batch_sizes` that fit the memory budget are timed and the largest at
-    the model's best speed is kept; the method and metric configs take their chunk sizes from these
-    two through `${device.batch_size}` and `${device.grad_batch_size}`.
+    the model's best speed is kept, once per sweep: the first job measures and writes the figures to
+    `calibration_dir` (the sweep's folder), the others read them (see `harness.calibration`). The
+    method and metric configs take their chunk sizes from these two through `${device.batch_size}`
+    and `${device.grad_batch_size}`.
     """
+    clock = clock or Stopwatch()
     options = SpeedOptions.from_config(cfg.device)
     _check_device_config(cfg.device)
+    timing = _timing_settings(cfg)
     device = device or resolve_device(cfg.device.name)
     options.apply_backend_flags()
-    clf: Classifier = instantiate(cfg.model)
-    data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
-    clf.module.to(device).to(memory_format=options.memory_format)
-    folded = 0
-    if options.fold_batchnorm:
-        sample = data.images[:2].to(device).contiguous(memory_format=options.memory_format)
-        folded = fold_batchnorm(clf.module, sample)
-    model = options.compiled(clf.module)
-    free = available_memory(device)
-    budget = float(cfg.device.memory_budget) * free
-    sizes = list(cfg.device.batch_sizes or DEFAULT_BATCH_SIZES[device.type])
-    speed = ModelSpeed(model, data.images, device, options.memory_format)
+    with clock("build"):
+        clf: Classifier = instantiate(cfg.model)
+        data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
+        clf.module.to(device).to(memory_format=options.memory_format)
+        folded = 0
+        if options.fold_batchnorm:
+            sample = data.images[:2].to(device).contiguous(memory_format=options.memory_format)
+            folded = fold_batchnorm(clf.module, sample)
+        model = options.compiled(clf.module)
     name = _function_name(cfg.method)
     # Only jobs whose method backpropagates time and size forward+backward passes.
-    kinds = {"forward": False} | ({} if _forward_only(cfg, name) else {"forward_backward": True})
-    with options.autocast(device):
-        memory = {
-            kind: image_memory(clf.module, data.images, device, grad, options.memory_format)
-            for kind, grad in kinds.items()
-        }
-        candidates: dict[str, list[int]] = {"batch_size": [], "grad_batch_size": []}
-        for key, kind in (("batch_size", "forward"), ("grad_batch_size", "forward_backward")):
-            fixed = cfg.device[key]
-            if kind in memory:
-                candidates[key] = [fixed] if fixed else fitting_sizes(sizes, memory[kind], budget, kind)
-        cfg.device.batch_size, cfg.device.grad_batch_size = speed.choose(
-            candidates["batch_size"], candidates["grad_batch_size"]
-        )
+    kinds = ["forward"] + ([] if _forward_only(cfg, name) else ["forward_backward"])
+    speed = ModelSpeed(model, data.images, device, options.memory_format)
+    with clock("calibration"), options.autocast(device):
+        facts = settings(cfg, device, options)
+        calibration = calibrate(speed, clf.module, facts, kinds, available_memory(device), calibration_dir)
+    cfg.device.batch_size = speed.batch_size
+    cfg.device.grad_batch_size = speed.grad_batch_size
     metrics = {metric: instantiate(node) for metric, node in cfg.metric.items()}
     if not metrics:
         raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     method = instantiate(cfg.method)
     progress = Progress(f"{name} on {clf.name}/{data.name}", cfg.get("progress"))
-    mb = budget / 2**20
     return Job(
-        cfg, device, options, clf, model, data, name, method, metrics, speed, memory, mb, folded, progress
-    )
+        cfg, device, options, clf, model, data, name, method, metrics, speed, calibration, folded, timing,
+        clock, progress,
+    )  # fmt: skip
+
+
+def _timing_settings(cfg: DictConfig) -> TimingSettings:
+    node = cfg.get("timing") or {}
+    known = sorted(TimingSettings.__dataclass_fields__)
+    unknown = sorted(str(k) for k in node if k not in known)
+    if unknown:
+        raise HarnessError(f"timing.{unknown[0]} is not a timing setting; expected one of {', '.join(known)}")
+    return TimingSettings.from_config(node)
 
 
 def _forward_only(cfg: DictConfig, method: str) -> bool:
@@ -211,75 +196,6 @@ def git_commit() -> str | None:
     return sha + ("+dirty" if dirty else "")
 
 
-@dataclass
-class Measured:
-    """A timed and profiled call: its output, timing, chunk size, retries and profile."""
-
-    out: Any
-    timing: Timing
-    chunk_size: int | None
-    oom_retries: int
-    profile: KernelProfile
-    profiled_images: int
-
-
-def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, n: int, what: str) -> Measured:
-    """Time `call(rows, chunk_size)` on all `n` images (after a warm-up on one), halving the chunk on
-    out-of-memory, then profile one call: on all images when a timed call took at most
-    `PROFILE_BUDGET_S`, else on the share of them that takes about that long.
-    """
-
-    def tracked(rows: slice, c: int | None) -> Any:
-        with job.progress.call(what, model, len(range(n)[rows])):
-            return call(rows, c)
-
-    def attempt(c: int | None) -> tuple[Any, Timing]:
-        return measure(
-            lambda: tracked(slice(None), c),
-            job.device,
-            model=model,
-            speed=job.speed,
-            warmup=lambda: tracked(slice(0, 1), c),
-            **REPEATS,
-        )
-
-    if chunk is None:
-        (out, timing), retries = attempt(None), 0
-    else:
-        (out, timing), chunk, retries = halving_on_oom(attempt, chunk, job.device, what)
-    k = (
-        n
-        if timing.median_ms <= PROFILE_BUDGET_S * 1e3
-        else max(1, int(n * PROFILE_BUDGET_S * 1e3 / timing.median_ms))
-    )
-    profile = profile_call(lambda: tracked(slice(0, k), chunk), job.device)
-    return Measured(out, timing, chunk, retries, profile, k)
-
-
-def _timing_fields(prefix: str, m: Measured, n: int) -> dict[str, Any]:
-    t, p, k = m.timing, m.profile, m.profiled_images
-    bound = t.bound_ms
-    return {
-        f"{prefix}_ms_per_image": t.median_ms / n,
-        f"{prefix}_ms_iqr": t.iqr_ms / n,
-        f"{prefix}_ms_best": t.best_ms / n,
-        f"{prefix}_repeats": len(t.times_ms),
-        f"{prefix}_forwards_per_image": t.forwards / n,
-        f"{prefix}_backwards_per_image": t.backwards / n,
-        f"{prefix}_bound_ms_per_image": None if bound is None else bound / n,
-        f"{prefix}_bound_ratio": t.bound_ratio,
-        f"{prefix}_chunk_size": m.chunk_size,
-        f"{prefix}_oom_retries": m.oom_retries,
-        f"{prefix}_kernel_ms_per_image": p.total_ms / k,
-        f"{prefix}_kernel_forward_ms_per_image": p.forward_ms / k,
-        f"{prefix}_kernel_backward_ms_per_image": p.backward_ms / k,
-        # Kernel (CPU: op) time over the wall time of the timed calls, per image.
-        f"{prefix}_busy": (p.total_ms / k) / (t.median_ms / n) if t.median_ms > 0 else None,
-        f"{prefix}_top_kernel": p.table[0]["name"] if p.table else None,
-        f"{prefix}_profiled_images": k,
-    }
-
-
 def explain_key(cfg: DictConfig, device: torch.device) -> str:
     """Hash of what determines a job's maps: the model, data and method settings (less the chunk
     size, which changes no answer), the seed, the device type and the precision. `phase=evaluate`
@@ -324,95 +240,173 @@ def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[st
     return folder, row, arrays
 
 
-def run_job(cfg: DictConfig, out: Path) -> dict[str, Any]:
+def run_job(
+    cfg: DictConfig, out: Path, calibration_dir: Path | None = None, started: float | None = None
+) -> dict[str, Any]:
     """Run one job and write its results into `out`; returns the results row.
 
     With `phase=all` the method attributes and every metric scores its maps; with
     `phase=evaluate` the maps come from the matching job of the sweep in `maps_from`, whose method
     fields (settings, timings) the row carries, and only the metrics run.
+
+    Args:
+        cfg: the job's config.
+        out: the job's folder.
+        calibration_dir: the sweep's folder, where its jobs share one calibration (None: measure).
+        started: `time.perf_counter()` when the job began (default: now), for `job_s`.
     """
+    clock = Stopwatch(started)
     if cfg.phase not in PHASES:
         raise HarnessError(f"phase={cfg.phase!r}; expected one of {', '.join(PHASES)}")
     config = config_hash(cfg)  # before build() fills in the chosen chunk sizes
     with job_device(resolve_device(cfg.device.name)) as device:
-        return _run(cfg, out, device, config)
-
-
-def _run(cfg: DictConfig, out: Path, device: torch.device, config: str) -> dict[str, Any]:
-    key = explain_key(cfg, device)
-    source = saved_maps(cfg, key) if cfg.phase == "evaluate" else None
-    job = build(cfg, device)
-    with job.progress:
-        dev, seed, opts = job.device, int(cfg.seed), job.options
-        eager = job.classifier.module
-        x = job.data.images.to(dev).contiguous(memory_format=opts.memory_format)
-        n = len(x)
-        with torch.no_grad():  # the class to explain: the eager model's fp32 top-1, whatever the options
-            probs = eager(x).float().softmax(dim=1)
-        target = probs.argmax(dim=1)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        measured: dict[str, Measured] = {}
-        if source is None:
-            maps, method_fields = _attribute(job, x, target, measured)
-        else:
-            maps, target, method_fields = _reuse(job, source)
-        curves: dict[str, Curve] = {}
-        for name, metric in job.metrics.items():
-
-            def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
-                return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
-
-            with opts.autocast(dev):
-                measured[name] = _measure(
-                    job, job.model, score, metric.keywords["chunk_size"], n, f"metric {name}"
-                )
-            curves[name] = measured[name].out
-        speed = job.speed  # best loop times seen, the bound's measurements included
-        row: dict[str, Any] = {
-            "model": job.classifier.name,
-            "pretrained": job.classifier.pretrained,
-            "data": job.data.name,
-            "method": job.method_name,
-            "device": dev.type,
-            "device_config": cfg.device.name,
-            **opts.row(),
-            "batchnorms_folded": job.batchnorms_folded,
-            "n_images": n,
-            "seed": seed,
-            "phase": cfg.phase,
-            "maps_from": None if source is None else str(source[0]),
-            "config_hash": config,
-            "explain_key": key,
-            "input_size": job.classifier.input_size,
-            "batch_size": speed.batch_size,
-            "grad_batch_size": speed.grad_batch_size,
-            "memory_budget": float(cfg.device.memory_budget),
-            "memory_budget_mb": job.memory_budget_mb,
-            "forward_mb_per_image": job.memory["forward"].per_image / 2**20,
-            "forward_backward_mb_per_image": (
-                job.memory["forward_backward"].per_image / 2**20 if "forward_backward" in job.memory else None
-            ),
-            "memory_estimate": job.memory["forward"].how,
-            "top1_equals_label": _agreement(target, job.data.labels),
-            "forward_ms_per_image": speed.forward_ms,
-            "forward_backward_ms_per_image": speed.forward_backward_ms,
-            "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms.items()},
-            "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
-            "kernel_kind": next(iter(measured.values())).profile.kind,
-            **method_fields,
-        }
-        for name, curve in curves.items():
-            low, high = bootstrap_ci(curve.auc, seed=seed)
-            row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
-            row |= _timing_fields(name, measured[name], n) | _params(name, cfg.metric[name])
-        row |= _environment(dev)
-        curves_df, scores_df = _tables(job, curves, target, probs)
-        tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": _kernels(measured)}
-        arrays = source[2] if source is not None else _maps(job, maps, target, key, bool(cfg.save_maps))
-        write_job(out, row, tables, arrays)
-        log.info(_headline(row, list(curves)))
+        key = explain_key(cfg, device)
+        source = saved_maps(cfg, key) if cfg.phase == "evaluate" else None
+        job = build(cfg, device, calibration_dir, clock)
+        log.info("%s: started", _label(job))
+        with job.progress:
+            row = _run(job, out, config, key, source)
+        log.info(_headline(row, list(job.metrics)))
         return row
+
+
+def _label(job: Job) -> str:
+    return (
+        f"{job.method_name} on {job.classifier.name}/{job.data.name} ({job.device.type}, "
+        f"{len(job.data.ids)} images)"
+    )
+
+
+def _run(
+    job: Job,
+    out: Path,
+    config: str,
+    key: str,
+    source: tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None,
+) -> dict[str, Any]:
+    cfg, dev, seed, opts = job.cfg, job.device, int(job.cfg.seed), job.options
+    eager = job.classifier.module
+    x = job.data.images.to(dev).contiguous(memory_format=opts.memory_format)
+    with torch.no_grad():  # the class to explain: the eager model's fp32 top-1, whatever the options
+        probs = eager(x).float().softmax(dim=1)
+    target = probs.argmax(dim=1)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    measured: dict[str, Measured] = {}
+    if source is None:
+        maps, method_fields = _attribute(job, x, target, measured)
+    else:
+        maps, target, method_fields = _reuse(job, source)
+    curves: dict[str, Curve] = {}
+    for name, metric in job.metrics.items():
+
+        def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
+            seed_all(seed)  # a random substrate draws the same noise on every call
+            return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
+
+        with opts.autocast(dev):
+            measured[name] = _measure(job, job.model, score, metric.keywords["chunk_size"], f"metric {name}")
+        curves[name] = measured[name].out
+    row = _row(job, config, key, source, target, measured) | method_fields
+    for name, curve in curves.items():
+        low, high = bootstrap_ci(curve.auc, seed=seed)
+        row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
+        row |= measured[name].fields(name) | _params(name, cfg.metric[name])
+    row["metrics_s"] = sum(measured[name].timing.total_ms for name in curves) / 1e3
+    row |= _environment(dev)
+    with job.clock("write"):
+        curves_df, scores_df = _tables(job, curves, target, probs)
+        tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": kernels_table(measured)}
+        arrays = source[2] if source is not None else _maps(job, maps, target, key, bool(cfg.save_maps))
+        files = write_files(out, tables, arrays)
+    row |= _breakdown(job.clock, row)
+    write_row(out, row, files)
+    return row
+
+
+def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, what: str) -> Measured:
+    return measure_call(
+        call,
+        model=model,
+        device=job.device,
+        speed=job.speed,
+        chunk=chunk,
+        n=len(job.data.ids),
+        what=what,
+        settings=job.timing,
+        clock=job.clock,
+        progress=job.progress,
+    )
+
+
+# Where a job's time goes besides its calls, in the order of the row's overhead_* fields.
+OVERHEAD = ("build", "calibration", "warmup", "bound_loops", "profile", "write")
+
+
+def _breakdown(clock: Stopwatch, row: dict[str, Any]) -> dict[str, Any]:
+    """`job_s` (the job's wall time so far: all but writing `run.json`), the time in the calls
+    (`method_s`, `metrics_s`) and the rest (`overhead_s`), split into `overhead_<part>_s` and
+    `overhead_other_s` (imports, the top-1 forward, tables, the resume check).
+    """
+    job_s = clock.elapsed()
+    calls = (row.get("method_s") or 0.0) if row["phase"] == "all" else 0.0
+    overhead = job_s - calls - row["metrics_s"]
+    parts = {f"overhead_{k}_s": clock.spent.get(k, 0.0) for k in OVERHEAD}
+    return {
+        "job_s": job_s,
+        "overhead_s": overhead,
+        "overhead_share": overhead / job_s if job_s > 0 else None,
+        **parts,
+        "overhead_other_s": overhead - sum(parts.values()),
+    }
+
+
+def _row(
+    job: Job,
+    config: str,
+    key: str,
+    source: tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None,
+    target: torch.Tensor,
+    measured: dict[str, Measured],
+) -> dict[str, Any]:
+    """The row's fields that describe the job: what ran, where, with which settings and speeds."""
+    cfg, speed, calib = job.cfg, job.speed, job.calibration
+    backward = calib.memory.get("forward_backward") if job.speed.grad_batch_size else None
+    profiles = [m.profile for m in measured.values() if m.profile is not None]
+    return {
+        "model": job.classifier.name,
+        "pretrained": job.classifier.pretrained,
+        "model_seed": job.classifier.seed,
+        "data": job.data.name,
+        "method": job.method_name,
+        "device": job.device.type,
+        "device_config": cfg.device.name,
+        **job.options.row(),
+        "batchnorms_folded": job.batchnorms_folded,
+        "n_images": len(job.data.ids),
+        "seed": int(cfg.seed),
+        "phase": cfg.phase,
+        "maps_from": None if source is None else str(source[0]),
+        "config_hash": config,
+        "explain_key": key,
+        "input_size": job.classifier.input_size,
+        "batch_size": speed.batch_size,
+        "grad_batch_size": speed.grad_batch_size,
+        "calibration": calib.source,
+        "calibration_key": calib.key,
+        "memory_budget": float(cfg.device.memory_budget),
+        "memory_budget_mb": calib.budget / 2**20,
+        "forward_mb_per_image": calib.memory["forward"].per_image / 2**20,
+        "forward_backward_mb_per_image": None if backward is None else backward.per_image / 2**20,
+        "memory_estimate": calib.memory["forward"].how,
+        "top1_equals_label": _agreement(target, job.data.labels),
+        "forward_ms_per_image": speed.forward_ms,
+        "forward_backward_ms_per_image": speed.forward_backward_ms,
+        "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms["forward"].items()},
+        "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
+        "kernel_kind": profiles[0].kind if profiles else None,
+        **(_params("timing", cfg.timing) if "timing" in cfg else {}),
+    }
 
 
 def _attribute(
@@ -430,12 +424,11 @@ def _attribute(
 
     chunk = job.method.keywords.get("chunk_size")
     with opts.autocast(dev):
-        what = f"method {job.method_name}"
-        measured["method"] = _measure(job, method_model, attribute, chunk, len(x), what)
+        measured["method"] = _measure(job, method_model, attribute, chunk, f"method {job.method_name}")
     maps = check_attributions(measured["method"].out, x, job.method_name).detach().float()
     fields = {
         "method_compiled": opts.compile is not None and method_model is not job.classifier.module,
-        **_timing_fields("method", measured["method"], len(x)),
+        **measured["method"].fields("method"),
         **_params("method", job.cfg.method),
     }
     return maps, fields
@@ -453,18 +446,6 @@ def _reuse(
     target = torch.from_numpy(arrays["target"]).to(job.device)
     fields = {k: v for k, v in row.items() if k.startswith("method") and k != "method"}
     return maps, target, fields
-
-
-def _kernels(measured: dict[str, Measured]) -> pd.DataFrame:
-    """The top kernels (CPU: ops) of the method and of each metric, time per image and share."""
-    rows = []
-    for phase, m in measured.items():
-        total, k = m.profile.total_ms, m.profiled_images
-        for r in m.profile.table[:TOP_KERNELS]:
-            share = r["ms"] / total if total > 0 else None
-            rows.append({"phase": phase, **r, "ms_per_image": r["ms"] / k, "share": share})
-    columns = ["phase", "name", "pass", "calls", "ms_per_image", "share"]
-    return pd.DataFrame(rows, columns=columns)
 
 
 def _agreement(target: torch.Tensor, labels: torch.Tensor) -> float | None:
@@ -545,5 +526,6 @@ def _headline(row: dict[str, Any], metrics: list[str]) -> str:
     cost = "no model passes" if ratio is None else f"{ratio:.2f}x its forward bound"
     return (
         f"{row['method']} on {row['model']}/{row['data']} ({row['device']}, {row['n_images']} images): "
-        f"{scores}; {row['method_ms_per_image']:.1f} ms/image, {cost}"
+        f"{scores}; {row['method_ms_per_image']:.1f} ms/image, {cost}; job {row['job_s']:.1f} s, "
+        f"{row['overhead_share']:.0%} of it overhead"
     )

@@ -1,7 +1,8 @@
 """The timing side of a sweep's report: where the time goes and what each speed option does.
 
 `write_timing(rows, out)` writes `timing.md` (a row per job: time per image, ratio to the bound,
-kernel time split forward and backward, busy fraction, chunk size, peak memory; and, when the sweep
+kernel time split forward and backward, busy fraction, chunk size, peak memory; where each job's
+wall time goes, calls against overhead, with the sweep's total; and, when the sweep
 varies the speed options, what each option does to time and to the AUCs against the plain fp32 eager
 path) and four plots: `speed_throughput.png` (model images per second against the chunk size),
 `speed_kernels.png` (kernel time per method, forward, backward and the rest), `speed_bound.png`
@@ -125,6 +126,28 @@ def option_effects(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+# The parts of a job's overhead, in the order of the row's overhead_<part>_s fields (harness.run).
+OVERHEAD_PARTS = ("build", "calibration", "warmup", "bound_loops", "profile", "write", "other")
+
+
+def overhead_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Where each job's wall time goes: the method and metric calls, and the overhead by part, with a
+    last line for the whole sweep.
+    """
+    t = pd.DataFrame({"model": rows["model"], "method": rows["method"], "device": rows["device"]})
+    t["calibration"] = rows.get("calibration")
+    t["job s"] = rows["job_s"]
+    t["calls s"] = rows["job_s"] - rows["overhead_s"]
+    t["overhead s"] = rows["overhead_s"]
+    for part in OVERHEAD_PARTS:
+        t[f"{part} s"] = rows.get(f"overhead_{part}_s")
+    total = t.select_dtypes("number").sum().to_frame().T
+    total[["model", "method", "device", "calibration"]] = ["all", f"{len(t)} jobs", "", ""]
+    t = pd.concat([t, total], ignore_index=True)
+    t.insert(t.columns.get_loc("overhead s") + 1, "overhead share", t["overhead s"] / t["job s"])
+    return t
+
+
 def _fmt(table: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -245,6 +268,15 @@ def write_timing(rows: pd.DataFrame, out: Path) -> None:
         "(+backward) bound; kernel fwd/bwd ms: profiler kernel time (GPU) or ATen op time (CPU) per "
         "image inside and outside autograd's backward; busy: that time over the wall time."
     )
+    if "job_s" in rows.columns:
+        text += [
+            "\n## Where each job's time goes\n",
+            "Seconds of wall time per job: in the timed method and metric calls, and the rest "
+            "(overhead): building the job, measuring its calibration (once per sweep, then reused), "
+            "warm-ups, the bound loops, profiling, writing results, and other work (imports in a "
+            "process's first job, the top-1 forward).\n",
+            _fmt(overhead_table(rows)),
+        ]
     if varying_options(rows):
         effects = option_effects(rows)
         if not effects.empty:

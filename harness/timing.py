@@ -4,9 +4,13 @@ Warm-up first, then repeated timed calls; the median and the interquartile range
 the calls are timed with CUDA events after a synchronisation; on CPU with `perf_counter`. Every timed
 call counts the images that went through the model, with and without autograd, and carries its own
 bound: what those images cost in plain forward (and forward+backward) loops of the model at its best
-batch size, timed right before and right after the call. Comparing a call with loops timed next to
-it, rather than minutes earlier, keeps the ratio honest on a machine that other work slows down and
-speeds up from one minute to the next.
+batch size, timed right before the first and right after the last of its repeats. Comparing a call
+with loops timed next to it, rather than minutes earlier, keeps the ratio honest on a machine that
+other work slows down and speeds up from one minute to the next.
+
+What timing costs besides the calls is bounded: the warm-up of an expensive call runs only its first
+model passes (`first_passes`), two bound loops bracket all repeats of a call, and the batch sizes
+and loop speeds of a model are measured once per sweep (`harness.calibration`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +30,7 @@ from torch import nn
 
 @dataclass
 class Timing:
-    """Times of repeated calls, in milliseconds.
+    """Times of repeated calls, in milliseconds, and what timing them cost besides.
 
     Attributes:
         times_ms: one entry per timed call.
@@ -34,12 +38,16 @@ class Timing:
         backwards: images forwarded with autograd (assumed to be backpropagated), per call.
         bounds_ms: for each timed call, the time of its forwards and backwards at the model's own
             speed, measured next to it (empty when no bound was measured).
+        warmup_ms: wall time of the warm-up.
+        loops_ms: wall time of the bound loops timed beside the calls.
     """
 
     times_ms: list[float]
     forwards: int = 0
     backwards: int = 0
     bounds_ms: list[float] = field(default_factory=list)
+    warmup_ms: float = 0.0
+    loops_ms: float = 0.0
 
     @property
     def median_ms(self) -> float:  # noqa: D102
@@ -48,6 +56,11 @@ class Timing:
     @property
     def best_ms(self) -> float:  # noqa: D102
         return min(self.times_ms)
+
+    @property
+    def total_ms(self) -> float:
+        """Wall time of all timed calls."""
+        return sum(self.times_ms)
 
     @property
     def iqr_ms(self) -> float:  # noqa: D102
@@ -76,14 +89,21 @@ class ForwardCounter:
 
     forwards: int = 0
     backwards: int = 0
+    calls: int = 0
 
     def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: add the batch sizes of the image tensors in the call's arguments."""
         n = image_rows(args)
+        self.calls += 1
         if torch.is_grad_enabled():
             self.backwards += n
         else:
             self.forwards += n
+
+    @property
+    def images(self) -> int:
+        """Images forwarded, with and without autograd."""
+        return self.forwards + self.backwards
 
 
 def image_rows(args: Any) -> int:
@@ -109,6 +129,70 @@ def count_forwards(model: nn.Module) -> Iterator[ForwardCounter]:
         yield counter
     finally:
         handle.remove()
+
+
+class StopEarly(BaseException):
+    """Ends a call at a model pass boundary (see `first_passes`). A BaseException, so that a method's
+    own `except Exception` cannot swallow it; every `finally` on the way out still runs.
+    """
+
+
+@dataclass
+class Partial:
+    """What `first_passes` ran: the model passes and images, and whether the call ran to its end."""
+
+    completed: bool
+    counter: ForwardCounter
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        + len(m._backward_pre_hooks)
+        for m in model.modules()
+    )  # fmt: skip
+
+
+def first_passes(
+    fn: Callable[[], Any], model: nn.Module, passes: int | None = None, seconds: float | None = None
+) -> Partial:
+    """Run `fn` until it is about to call `model` for the `passes + 1`-th time, or for the first
+    time after `seconds` have passed (at least one pass runs); then stop it there.
+
+    This is how a warm-up or a profile covers the first passes of an expensive call (RISE forwards
+    thousands of masked images per image) instead of a whole call on one image, and it warms the
+    very shapes that the call uses. A method stopped this way must leave no hooks on the model: it
+    is an error if it does (Captum removes its hooks in `finally` blocks).
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> part = first_passes(lambda: [model(torch.ones(2, 3)) for _ in range(5)], model, passes=2)
+        >>> part.completed, part.counter.calls
+        (False, 2)
+    """
+    limit = float("inf") if passes is None else passes
+    deadline = float("inf") if seconds is None else time.perf_counter() + seconds
+    counter, hooks = ForwardCounter(), _hooks(model)
+
+    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if counter.calls >= limit or (counter.calls and time.perf_counter() >= deadline):
+            raise StopEarly
+        counter.hook(module, args)
+
+    handle = model.register_forward_pre_hook(stop)
+    try:
+        fn()
+        completed = True
+    except StopEarly:
+        completed = False
+    finally:
+        handle.remove()
+    if _hooks(model) != hooks:
+        raise RuntimeError(
+            f"a call stopped after {counter.calls} model passes left {_hooks(model) - hooks} hooks on the "
+            "model; it must remove its hooks in a `finally` block"
+        )
+    return Partial(completed, counter)
 
 
 def synchronize(device: torch.device) -> None:
@@ -157,20 +241,26 @@ def fastest(per_image_ms: dict[int, float], tolerance: float = 0.05) -> int:
     return max(b for b, ms in per_image_ms.items() if ms <= best * (1 + tolerance))
 
 
+# The two kinds of model pass: plain forwards (perturbations, curves) and forward+backward (gradients).
+KINDS = ("forward", "forward_backward")
+
+
 class ModelSpeed:
     """The model's own cost per image on a device: the unit of every bound.
 
     Times loops of plain forward passes (no autograd) and of forward+backward passes (gradient to
-    the input only, as attribution methods take it) on real inputs, each loop covering at least
-    `min_images` images: a single short call runs faster than a sustained loop on a busy CPU.
+    the input only, as attribution methods take it) on real inputs. The loops that choose the batch
+    sizes (`calibrate`) cover at least `min_images` images each: a single short call runs faster
+    than a sustained loop on a busy CPU. The loops that bound a call (`now`) cover at least
+    `pair_images`, one batch at least. Each batch size is warmed up once, before its first loop.
 
     Attributes:
-        batch_size: images per plain forward in the loops: the largest candidate at the best speed.
-        grad_batch_size: images per forward+backward, chosen the same way.
-        per_batch_ms: forward time per image for each batch size tried.
-        per_batch_backward_ms: forward+backward time per image for each batch size tried.
+        per_batch_ms: per kind (`forward`, `forward_backward`), the best time per image of each
+            batch size measured (see `calibrate`) or adopted from a measurement made before.
+        batch_size: images per plain forward: the largest size at the best speed.
+        grad_batch_size: images per forward+backward, chosen the same way (None: not measured).
         forward_ms: the best forward time per image seen so far (at `batch_size`).
-        forward_backward_ms: the best forward+backward time per image seen so far.
+        forward_backward_ms: the best forward+backward time per image seen so far (None: not measured).
     """
 
     def __init__(
@@ -180,16 +270,18 @@ class ModelSpeed:
         device: torch.device,
         memory_format: torch.memory_format = torch.contiguous_format,
         min_images: int = 16,
+        pair_images: int = 8,
     ) -> None:
         self.model, self.sample, self.device = model, sample, device
-        self.memory_format, self.min_images = memory_format, min_images
+        self.memory_format, self.min_images, self.pair_images = memory_format, min_images, pair_images
+        self.per_batch_ms: dict[str, dict[int, float]] = {}
         self.batch_size: int = 1
-        self.grad_batch_size: int | None = 1
-        self.per_batch_ms: dict[int, float] = {}
-        self.per_batch_backward_ms: dict[int, float] = {}
+        self.grad_batch_size: int | None = None
         self.forward_ms = float("inf")
-        self.forward_backward_ms: float | None = float("inf")
+        self.forward_backward_ms: float | None = None
         self._tiled: dict[int, torch.Tensor] = {}
+        self._warm: set[tuple[str, int]] = set()
+        self._last: dict[str, tuple[float, float]] = {}  # kind -> (when it ended, ms per image)
 
     def _inputs(self, bs: int) -> torch.Tensor:
         """The sample tiled to `bs` images on the device, built once per batch size."""
@@ -197,56 +289,82 @@ class ModelSpeed:
             self._tiled[bs] = tile_images(self.sample, bs, self.device, self.memory_format)
         return self._tiled[bs]
 
-    def _loop_ms(self, grad: bool, bs: int, repeats: int, warm: bool = False) -> float:
-        """Best time per image of `repeats` loops, after one warm-up call unless `warm`."""
-        x, calls = self._inputs(bs), -(-self.min_images // bs)
-        step = forward_backward_step if grad else forward_step
+    def loop_ms(self, kind: str, bs: int, images: int | None = None) -> float:
+        """Time per image of one loop of `kind` passes at batch size `bs` over at least `images`
+        images (default `min_images`), warmed up on the first use of the size.
+        """
+        x, calls = self._inputs(bs), -(-(images or self.min_images) // bs)
+        step = forward_backward_step if kind == "forward_backward" else forward_step
+        if (kind, bs) not in self._warm:
+            step(self.model, x)
+            synchronize(self.device)
+            self._warm.add((kind, bs))
 
         def loop() -> None:
             for _ in range(calls):
                 step(self.model, x)
 
-        def warmup() -> None:
-            if not warm:
-                step(self.model, x)
+        synchronize(self.device)
+        _, ms = _timed(loop, self.device)
+        return ms / (calls * bs)
 
-        _, t = measure(loop, self.device, warmup=warmup, min_repeats=repeats, max_repeats=repeats)
-        return t.best_ms / (calls * bs)
+    def calibrate(self, sizes: Mapping[str, Sequence[int]], rounds: int = 3) -> dict[str, dict[int, float]]:
+        """Time a loop at every (kind, size) in turn, `rounds` times over, and keep the best of each.
 
-    def choose(
-        self, forward_sizes: Sequence[int], backward_sizes: Sequence[int], repeats: int = 3
-    ) -> tuple[int, int | None]:
-        """Time loops at each candidate size and keep, for each kind of pass, the largest size that
-        runs within 5% of the best time per image (on a GPU, the largest that fits). No backward
-        sizes (a job that only runs forwards): no forward+backward loops, and `grad_batch_size`
-        stays None.
+        Going round all sizes before repeating any, rather than repeating each size in a row, spreads
+        a noisy stretch of time over all of them instead of over the few that it happened to hit;
+        the best of the rounds then leaves it out. Returns and adopts (see `adopt`) the tables.
         """
-        self.per_batch_ms = {bs: self._loop_ms(False, bs, repeats) for bs in sorted(forward_sizes)}
-        self.per_batch_backward_ms = {bs: self._loop_ms(True, bs, repeats) for bs in sorted(backward_sizes)}
-        self.batch_size = fastest(self.per_batch_ms)
-        self.forward_ms = self.per_batch_ms[self.batch_size]
-        if self.per_batch_backward_ms:
-            self.grad_batch_size = fastest(self.per_batch_backward_ms)
-            self.forward_backward_ms = self.per_batch_backward_ms[self.grad_batch_size]
-        else:
-            self.grad_batch_size, self.forward_backward_ms = None, None
-        return self.batch_size, self.grad_batch_size
+        best = {kind: dict.fromkeys(sorted(table), float("inf")) for kind, table in sizes.items()}
+        for _ in range(rounds):
+            for kind, table in best.items():
+                for bs in table:
+                    table[bs] = min(table[bs], self.loop_ms(kind, bs))
+        self.adopt(best)
+        return best
 
-    def now(self, forward: bool = True, backward: bool = True) -> tuple[float, float]:
-        """Time one loop of each kind asked for (per image, ms), and keep the best seen.
-
-        The shapes were warmed up by `choose`, so no warm-up call is spent here.
+    def adopt(self, per_batch_ms: dict[str, dict[int, float]]) -> None:
+        """Take the loop speeds by kind and batch size (measured now, or in an earlier job of the
+        sweep) and choose each kind's batch size from them (see `fastest`).
         """
-        f = b = float("nan")
+        self.per_batch_ms |= {kind: dict(table) for kind, table in per_batch_ms.items() if table}
+        forward = self.per_batch_ms.get("forward")
         if forward:
-            f = self._loop_ms(False, self.batch_size, 1, warm=True)
-            self.forward_ms = min(self.forward_ms, f)
+            self.batch_size = fastest(forward)
+            self.forward_ms = forward[self.batch_size]
+        backward = self.per_batch_ms.get("forward_backward")
         if backward:
-            if self.grad_batch_size is None or self.forward_backward_ms is None:
-                raise RuntimeError("a call backpropagated in a job that chose no forward+backward size")
-            b = self._loop_ms(True, self.grad_batch_size, 1, warm=True)
-            self.forward_backward_ms = min(self.forward_backward_ms, b)
-        return f, b
+            self.grad_batch_size = fastest(backward)
+            self.forward_backward_ms = backward[self.grad_batch_size]
+
+    @property
+    def per_batch_backward_ms(self) -> dict[int, float]:
+        """Forward+backward time per image by batch size ({} when not measured)."""
+        return self.per_batch_ms.get("forward_backward", {})
+
+    def now(self, kinds: Iterable[str], max_age_s: float = 0.0) -> dict[str, float]:
+        """Per image, in ms: one loop of each kind asked for at its chosen batch size, timed now, or
+        the last such loop when it ended less than `max_age_s` ago. Keeps the best seen.
+        """
+        out = {}
+        for kind in kinds:
+            bs = self.batch_size if kind == "forward" else self.grad_batch_size
+            if bs is None:
+                raise RuntimeError("a call backpropagated in a job that timed no forward+backward passes")
+            ended, ms = self._last.get(kind, (-float("inf"), float("nan")))
+            if time.perf_counter() - ended >= max_age_s:
+                ms = self.loop_ms(kind, bs, self.pair_images)
+                self._last[kind] = (time.perf_counter(), ms)
+            out[kind] = ms
+            if kind == "forward":
+                self.forward_ms = min(self.forward_ms, ms)
+            else:
+                self.forward_backward_ms = min(self.forward_backward_ms or float("inf"), ms)
+        return out
+
+
+def _kinds(counter: ForwardCounter) -> set[str]:
+    return {k for k, n in zip(KINDS, (counter.forwards, counter.backwards), strict=True) if n > 0}
 
 
 def measure(
@@ -266,49 +384,114 @@ def measure(
     A call that takes longer than the budget is timed `min_repeats` times; a cheap call up to
     `max_repeats` times. Returns the output of the last call and the timing.
 
+    With `speed`, loops of the model's own passes (one of each kind that the calls use) bracket the
+    calls: one before the first call, one after the last, and one between two calls whenever
+    `budget_s` has passed since the last loop. Each call's bound is its forwards and backwards at
+    the mean speed of the loops just before and just after its stretch of calls, so a call is always
+    compared with the model timed within about `budget_s` of it, and cheap calls repeated back to
+    back share two loops instead of paying two each. The loop before the first call is the last
+    loop of the previous call when that ended less than `budget_s` ago.
+
     Args:
         fn: the call to time; it must give the same output each time (seed inside it if random).
         device: where the work runs; CUDA is timed with events.
         model: if given, the images forwarded through it are counted (per call).
-        speed: if given (with `model`), each timed call gets its bound: its forwards and backwards
-            at the model's speed, timed in loops just before and just after the call.
-        warmup: call made once before timing (default: `fn` itself); a cheaper call on a slice of
-            the input warms the same code paths at a fraction of the cost.
+        speed: if given (with `model`), the calls get their bound, as above.
+        warmup: call made once before timing (default: `fn` itself); `first_passes` of `fn` warms the
+            same shapes at a fraction of the cost.
         min_repeats: timed calls at least.
         max_repeats: timed calls at most.
         budget_s: stop repeating once this much time has been spent on timed calls.
         once_above_s: a first timed call longer than this is not repeated, whatever min_repeats.
     """
+    timing, seen = Timing([]), ForwardCounter()
+    t0 = time.perf_counter()
     if model is None:
         (warmup or fn)()
     else:
         with count_forwards(model) as seen:
             (warmup or fn)()
     synchronize(device)
-    timing = Timing([])
+    timing.warmup_ms = (time.perf_counter() - t0) * 1e3
+    bounded = model is not None and speed is not None
+    kinds = _kinds(seen) if bounded else set()
+    loops: list[dict[str, float]] = []
+    stretch: list[int] = []  # the calls since the last loop
+    last_loop = time.perf_counter()
+
+    def bound_loop(max_age_s: float = 0.0) -> None:
+        nonlocal last_loop
+        assert speed is not None
+        t = time.perf_counter()
+        loops.append(speed.now(sorted(kinds), max_age_s))
+        last_loop = time.perf_counter()
+        timing.loops_ms += (last_loop - t) * 1e3
+        if len(loops) > 1:  # the bound of the calls between the last two loops
+            pair = loops[-2:]
+            per_image = {k: statistics.fmean(loop[k] for loop in pair if k in loop) for k in kinds}
+            bound = timing.forwards * per_image.get("forward", 0.0)
+            bound += timing.backwards * per_image.get("forward_backward", 0.0)
+            timing.bounds_ms += [bound] * len(stretch)
+            stretch.clear()
+
+    if kinds:
+        bound_loop(max_age_s=budget_s)  # the loop after the previous call, when it is that recent
     out: Any = None
     while len(timing.times_ms) < max_repeats and (
-        len(timing.times_ms) < min_repeats or sum(timing.times_ms) < budget_s * 1e3
+        len(timing.times_ms) < min_repeats or timing.total_ms < budget_s * 1e3
     ):
         if model is None:
             out, ms = _timed(fn, device)
         else:
-            kinds = (seen.forwards > 0, seen.backwards > 0)
-            before = speed.now(*kinds) if speed and any(kinds) else None
             with count_forwards(model) as counter:
                 out, ms = _timed(fn, device)
             timing.forwards, timing.backwards = counter.forwards, counter.backwards
-            if before is not None and speed is not None:
-                after = speed.now(*kinds)
-                per_image = [(a + b) / 2 for a, b in zip(before, after, strict=True)]
-                timing.bounds_ms.append(
-                    (timing.forwards * per_image[0] if kinds[0] else 0.0)
-                    + (timing.backwards * per_image[1] if kinds[1] else 0.0)
-                )
+            if bounded:
+                kinds |= _kinds(counter)  # a kind the warm-up did not reach: timed after the calls
         timing.times_ms.append(ms)
+        stretch.append(len(timing.times_ms) - 1)
         if ms > once_above_s * 1e3:
             break
+        if kinds and loops and time.perf_counter() - last_loop >= budget_s:
+            bound_loop()
+    if kinds and stretch:
+        if not loops:  # no kind seen in the warm-up: both loops come after the calls
+            bound_loop()
+        bound_loop()
     return out, timing
+
+
+class Stopwatch:
+    """Wall time since it was made, and the part of it spent in each named kind of work.
+
+    Example:
+        >>> clock = Stopwatch()
+        >>> with clock("write"):
+        ...     pass
+        >>> list(clock.spent), clock.elapsed() >= clock.spent["write"]
+        (['write'], True)
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.perf_counter() if start is None else start
+        self.spent: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
+        """Add the block's wall time to `what`."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(what, time.perf_counter() - t)
+
+    def add(self, what: str, seconds: float) -> None:
+        """Add time spent elsewhere (measured by the caller) to `what`."""
+        self.spent[what] = self.spent.get(what, 0.0) + seconds
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return time.perf_counter() - self.start
 
 
 def machine_id() -> str:
@@ -337,84 +520,3 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-BACKWARD_SCOPE = "autograd::engine::evaluate_function"
-
-
-@dataclass
-class KernelProfile:
-    """Where one profiled call's time goes, from `torch.profiler`.
-
-    On CUDA the times are GPU kernel times; on CPU they are the self times of the ATen ops (the CPU
-    has no kernels apart from its ops). Backward means run inside autograd's backward pass.
-
-    Attributes:
-        kind: `cuda_kernels` or `cpu_ops`.
-        total_ms: kernel (or op) time of the call.
-        forward_ms: of which outside the backward pass.
-        backward_ms: of which inside it.
-        wall_ms: wall time of the profiled call (the profiler's overhead included).
-        table: one row per kernel name and pass: `name`, `pass`, `calls`, `ms`, sorted by time.
-    """
-
-    kind: str
-    total_ms: float
-    forward_ms: float
-    backward_ms: float
-    wall_ms: float
-    table: list[dict[str, Any]]
-
-
-def _in_backward(event: Any) -> bool:
-    while event is not None:
-        if event.name.startswith(BACKWARD_SCOPE):
-            return True
-        event = event.cpu_parent
-    return False
-
-
-def profile_call(fn: Callable[[], Any], device: torch.device) -> KernelProfile:
-    """Run `fn` once under `torch.profiler` and sum its kernel (CUDA) or op (CPU) times.
-
-    Call it after a warm-up: the first call's one-off costs are not what this measures.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        wall_ms = (time.perf_counter() - t0) * 1e3
-    totals: dict[tuple[str, str], list[float]] = {}
-    for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CPU:
-            continue  # CUDA kernels are read from the CPU event that launched them
-        kernels = (
-            [(k.name, k.duration) for k in event.kernels]
-            if cuda
-            else [(event.name, event.self_cpu_time_total)]
-        )
-        if not kernels:
-            continue
-        phase = "backward" if _in_backward(event) else "forward"
-        for name, us in kernels:
-            entry = totals.setdefault((name, phase), [0, 0.0])
-            entry[0] += 1
-            entry[1] += us / 1e3
-    table = [
-        {"name": name, "pass": phase, "calls": int(calls), "ms": ms}
-        for (name, phase), (calls, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])
-    ]
-    by_pass = {p: sum(ms for (_, q), (_, ms) in totals.items() if q == p) for p in ("forward", "backward")}
-    return KernelProfile(
-        "cuda_kernels" if cuda else "cpu_ops",
-        by_pass["forward"] + by_pass["backward"],
-        by_pass["forward"],
-        by_pass["backward"],
-        wall_ms,
-        table,
-    )

@@ -87,7 +87,8 @@ def check(setting: str, repeats: int, device: torch.device) -> list[dict[str, An
         t = model(x).argmax(1)
     speed = ModelSpeed(model, x, device, torch.channels_last)
     sizes = DEFAULT_BATCH_SIZES[device.type]
-    bs, grad_bs = speed.choose(sizes, sizes)
+    speed.calibrate({"forward": sizes, "forward_backward": sizes})
+    bs, grad_bs = speed.batch_size, speed.grad_batch_size
     assert grad_bs is not None  # backward sizes were given
     log.info("%s: batch sizes %d (forward), %d (forward+backward)", setting, bs, grad_bs)
     occ: dict[str, Any] = {"window": WINDOW, "stride": STRIDE, "chunk_size": bs}

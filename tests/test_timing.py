@@ -1,20 +1,26 @@
-"""Timing: forward counting, repeats, bounds; the bootstrap interval."""
+"""Timing: forward counting, repeats, bounds, calls stopped after their first passes, choosing batch
+sizes from loops, the stopwatch; the bootstrap interval.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from harness.profiling import profile_call
 from harness.results import bootstrap_ci
 from harness.timing import (
     ModelSpeed,
+    StopEarly,
+    Stopwatch,
     Timing,
     count_forwards,
     fastest,
+    first_passes,
     forward_backward_step,
     forward_step,
     measure,
-    profile_call,
 )
 
 
@@ -73,24 +79,85 @@ def tiny_model():
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
 
 
-def test_model_speed_picks_tried_batch_sizes():
+def test_model_speed_calibrates_every_size_and_chooses_from_them():
     model = tiny_model()
     speed = ModelSpeed(model, torch.randn(3, 3, 8, 8), torch.device("cpu"), min_images=4)
-    bs, grad_bs = speed.choose((1, 2, 4), (1, 2))
-    assert bs in (1, 2, 4) and set(speed.per_batch_ms) == {1, 2, 4}
-    assert grad_bs in (1, 2) and set(speed.per_batch_backward_ms) == {1, 2}
-    assert speed.forward_ms == speed.per_batch_ms[bs] <= 1.05 * min(speed.per_batch_ms.values())
-    assert speed.forward_backward_ms == speed.per_batch_backward_ms[grad_bs] > 0
-    f, b = speed.now(forward=True, backward=False)
-    assert f > 0 and b != b  # nan: not asked for
-    assert speed.forward_ms <= f
+    tables = speed.calibrate({"forward": (1, 2, 4), "forward_backward": (1, 2)}, rounds=2)
+    assert set(tables["forward"]) == {1, 2, 4} and set(tables["forward_backward"]) == {1, 2}
+    assert speed.batch_size == fastest(tables["forward"]) and speed.grad_batch_size == fastest(
+        tables["forward_backward"]
+    )
+    assert speed.forward_ms == tables["forward"][speed.batch_size] > 0
+    f = speed.now(["forward"])
+    assert set(f) == {"forward"} and f["forward"] > 0 and speed.forward_ms <= f["forward"]
+
+
+def fake_speed(times: dict[int, list[float]]) -> tuple[ModelSpeed, list[int]]:
+    """A ModelSpeed whose forward loops at size b take times[b][i] ms per image on the i-th loop."""
+    speed = ModelSpeed(tiny_model(), torch.randn(2, 3, 8, 8), torch.device("cpu"))
+    calls: list[int] = []
+
+    def loop_ms(kind, bs, images=None):
+        calls.append(bs)
+        return times[bs][calls.count(bs) - 1]
+
+    speed.loop_ms = loop_ms  # type: ignore[method-assign]
+    return speed, calls
+
+
+def test_calibration_goes_round_all_sizes_so_a_noisy_start_does_not_choose():
+    """A noisy first stretch (the first three loops ten times slower) hits sizes 1, 2 and 4 in the
+    first round only; the best of three rounds gives each size its real speed, and 8 is chosen.
+    """
+    real = {1: 3.0, 2: 2.0, 4: 1.5, 8: 1.0}
+    noisy = {b: [ms * (10 if i == 0 and b < 8 else 1) for i in range(3)] for b, ms in real.items()}
+    speed, calls = fake_speed(noisy)
+    tables = speed.calibrate({"forward": (1, 2, 4, 8)}, rounds=3)
+    assert calls == [1, 2, 4, 8] * 3  # round robin, not size by size
+    assert tables["forward"] == real and speed.batch_size == 8
+
+
+def test_a_recent_loop_is_reused_as_the_next_calls_first_loop():
+    speed, calls = fake_speed({1: [2.0, 3.0, 4.0]})
+    speed.adopt({"forward": {1: 1.0}})
+    assert speed.now(["forward"]) == {"forward": 2.0}
+    assert speed.now(["forward"], max_age_s=60) == {"forward": 2.0} and calls == [1]  # reused
+    assert speed.now(["forward"], max_age_s=0) == {"forward": 3.0} and calls == [1, 1]
+
+
+def test_cheap_repeats_share_two_bound_loops_and_long_calls_get_one_between_each():
+    import time
+
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    speed, calls = fake_speed({1: [1.0] * 20})
+    speed.model = model
+    speed.adopt({"forward": {1: 1.0}})
+
+    def cheap():
+        with torch.no_grad():
+            return model(x)
+
+    _, t = measure(cheap, torch.device("cpu"), model=model, speed=speed, min_repeats=5, max_repeats=5)
+    assert len(t.times_ms) == 5 and len(calls) == 2 and t.bounds_ms == [4.0] * 5  # 4 images at 1 ms
+    assert t.loops_ms > 0 and t.warmup_ms > 0
+
+    def slow():
+        time.sleep(0.02)
+        return cheap()
+
+    calls.clear()
+    _, t = measure(slow, torch.device("cpu"), model=model, speed=speed, min_repeats=3, budget_s=0.01)
+    assert len(t.times_ms) == 3 and len(calls) == 4  # before, between each two, after
+    assert len(t.bounds_ms) == 3 and t.bound_ratio is not None
 
 
 def test_each_timed_call_gets_a_bound_measured_beside_it():
     model = tiny_model()
     x = torch.randn(6, 3, 8, 8)
     speed = ModelSpeed(model, x, torch.device("cpu"), min_images=4)
-    speed.choose((2,), (2,))
+    speed.calibrate({"forward": (2,), "forward_backward": (2,)}, rounds=1)
 
     def call():
         with torch.no_grad():
@@ -100,6 +167,53 @@ def test_each_timed_call_gets_a_bound_measured_beside_it():
     _, t = measure(call, torch.device("cpu"), model=model, speed=speed, min_repeats=2, max_repeats=2)
     assert (t.forwards, t.backwards) == (6, 2) and len(t.bounds_ms) == 2
     assert all(b > 0 for b in t.bounds_ms) and t.bound_ratio is not None
+
+
+def test_first_passes_stops_a_call_after_its_first_model_passes():
+    model = torch.nn.Linear(3, 1)
+    done = []
+
+    def call():
+        try:
+            for _ in range(5):
+                try:
+                    model(torch.ones(2, 3, 1, 1).flatten(1))
+                except Exception:  # a method's own error handling must not swallow the stop
+                    pass
+            done.append(True)
+        finally:
+            done.append("finally")
+
+    part = first_passes(call, model, passes=2)
+    assert not part.completed and part.counter.calls == 2 and done == ["finally"]
+    assert not model._forward_pre_hooks  # our hook removed
+    assert first_passes(call, model, passes=10).completed
+    part = first_passes(call, model, seconds=0.0)
+    assert not part.completed and part.counter.calls == 1  # at least one pass, even with no time
+    assert issubclass(StopEarly, BaseException) and not issubclass(StopEarly, Exception)
+
+
+def test_first_passes_refuses_a_call_that_leaves_hooks_when_stopped():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 1))
+
+    def leaky():
+        model[0].register_forward_hook(lambda *a: None)  # never removed
+        for _ in range(3):
+            model(torch.ones(1, 3))
+
+    with pytest.raises(RuntimeError, match="left 1 hooks on the model"):
+        first_passes(leaky, model, passes=1)
+
+
+def test_stopwatch_adds_up_named_parts():
+    import time
+
+    clock = Stopwatch()
+    with clock("a"):
+        time.sleep(0.01)
+    clock.add("a", 0.5)
+    clock.add("b", 0.25)
+    assert clock.spent["a"] >= 0.51 and clock.spent["b"] == 0.25 and clock.elapsed() >= 0.01
 
 
 def test_bootstrap_matches_naive_resampling():
