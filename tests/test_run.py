@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import harness.run as harness_run
 from harness.run import HarnessError, check_attributions
 from tests.conftest import REPO
 
@@ -42,6 +43,13 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = pd.read_csv(sweep / "summary.csv")
     assert len(summary) == 4 and sorted(summary["method"].unique()) == ["occlusion", "saliency"]
+    # Clean output when stderr is not a terminal: the sweep's size first, a line per job start and
+    # end, no progress bars, and none of the profiler's (Kineto's) lines.
+    lines = r.stderr.splitlines()
+    assert f"sweep of 4 job(s) into {sweep}: 4 to run" in lines[0]
+    assert sum(ln.endswith("(cpu, 3 images): started") for ln in lines) == 4
+    assert sum("% of it overhead" in ln for ln in lines) == 4
+    assert not [ln for ln in lines if "ERROR" in ln or "USDT" in ln or "\r" in ln]
     for col in [
         "model",
         "pretrained",
@@ -63,6 +71,13 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
         "deletion_bound_ratio",
         "insertion_bound_ratio",
         "peak_mem_mb",
+        "job_s",
+        "method_s",
+        "metrics_s",
+        "overhead_s",
+        "calibration",
+        "model_seed",
+        "timing.profile",
         "gpu_name",
         "torch_version",
         "torchvision_version",
@@ -74,6 +89,15 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
     ]:
         assert col in summary.columns, col
     assert (summary["n_images"] == 3).all() and (~summary["pretrained"]).all()
+    assert (summary["model_seed"] == summary["seed"]).all()  # random weights drawn from the job's seed
+    # Measured by the sweep's first job, reused by the others; the breakdown adds up.
+    assert sorted(summary["calibration"]) == ["measured", "reused", "reused", "reused"]
+    calls = summary["method_s"] + summary["metrics_s"]
+    assert ((calls + summary["overhead_s"] - summary["job_s"]).abs() < 1e-9).all()
+    parts = summary.filter(regex=r"^overhead_.+_s$")
+    assert list(parts.columns) == [f"overhead_{k}_s" for k in harness_run.OVERHEAD + ("other",)]
+    assert ((parts.sum(axis=1) - summary["overhead_s"]).abs() < 1e-9).all()
+    assert (summary["overhead_calibration_s"][summary["calibration"] == "reused"] < 0.05).all()
     assert (summary["deletion_auc_low"] <= summary["deletion_auc"]).all()
     assert (summary["deletion_auc"] <= summary["deletion_auc_high"]).all()
     occ = summary[summary["method"] == "occlusion"].iloc[0]
@@ -169,6 +193,8 @@ def test_single_run_with_image_folder(tmp_path):
         (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
         (["method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
         (["device.precision=fp8"], "device.precision='fp8'"),
+        (["timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
+        (["+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_message_and_no_results(tmp_path, overrides, message):

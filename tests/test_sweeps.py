@@ -1,6 +1,7 @@
 """Sweeps at scale, end to end: Hydra's launchers, resume after a kill, corrupt job folders, and
-re-scoring saved maps. Every sweep is the same 2x2 (saliency and RISE, seeds 0 and 1) on the small
-CNN, compared with one run of it by the basic launcher.
+re-scoring saved maps. Every sweep is the same 2x2x2 (the small CNN and a torchvision ResNet-18, both
+with random weights drawn from the job's seed; saliency and RISE; seeds 0 and 1), compared with one
+run of it by the basic launcher.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from omegaconf import OmegaConf
 from harness.resume import RESULT_FILES, read_job
 from tests.conftest import CONF, REPO
 
-SWEEP = ["model=small_cnn", "method=saliency,rise", "seed=0,1", "device=cpu", "data.num_images=3"]
+SWEEP = [
+    "model=small_cnn,resnet18", "model.input_size=32", "method=saliency,rise", "seed=0,1", "device=cpu",
+    "data.num_images=3",
+]  # fmt: skip
+JOBS = 8
 AUCS = ["deletion_auc", "insertion_auc"]
 pytestmark = pytest.mark.slow
 
@@ -41,7 +46,7 @@ def harness(*args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedPro
 
 def by_job(folder: Path) -> pd.DataFrame:
     rows = pd.read_csv(folder / "summary.csv")
-    return rows.set_index(["method", "seed"]).sort_index()
+    return rows.set_index(["model", "method", "seed"]).sort_index()
 
 
 def snapshot(job: Path) -> dict[str, tuple[int, bytes]]:
@@ -54,7 +59,9 @@ def basic(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("basic") / "sweep"
     r = harness(*SWEEP, f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
-    assert len(by_job(sweep)) == 4
+    rows = by_job(sweep)
+    assert len(rows) == JOBS and (rows["model_seed"] == rows.index.get_level_values("seed")).all()
+    assert rows.loc["resnet18", "deletion_auc"].nunique() == 4  # random weights differ with the seed
     return sweep
 
 
@@ -72,8 +79,37 @@ def test_launchers_give_the_rows_of_the_basic_launcher(basic, tmp_path, launcher
     r = harness(*SWEEP, *launcher, f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     rows = by_job(sweep)  # written by the report callback at the end of the sweep
-    assert len(rows) == 4 and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
+    assert len(rows) == JOBS and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
     assert_same_aucs(rows, by_job(basic))
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "rise"])
+def test_a_job_run_twice_in_separate_processes_gives_identical_aucs(tmp_path, method):
+    """A torchvision model with random weights and a stochastic method: all drawn from the job's seed."""
+    job = [
+        "model=resnet18",
+        "model.input_size=32",
+        f"method={method}",
+        "seed=3",
+        "device=cpu",
+        "data.num_images=2",
+    ]
+    rows = []
+    for run in ("a", "b"):
+        r = subprocess.run(
+            [sys.executable, "-m", "harness", "hydra.mode=RUN", *job, f"hydra.run.dir={tmp_path / run}"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert r.returncode == 0, r.stderr
+        rows.append(json.loads((tmp_path / run / "run.json").read_text()))
+    a, b = rows
+    assert a["model_seed"] == 3 and not a["pretrained"]
+    assert (a["deletion_auc"], a["insertion_auc"]) == (b["deletion_auc"], b["insertion_auc"])
+    scores = [pd.read_csv(tmp_path / run / "scores.csv") for run in ("a", "b")]
+    pd.testing.assert_frame_equal(scores[0], scores[1], check_exact=True)
 
 
 def test_a_sweep_killed_after_its_first_job_resumes_without_redoing_it(basic, tmp_path):
@@ -100,10 +136,13 @@ def test_a_sweep_killed_after_its_first_job_resumes_without_redoing_it(basic, tm
     r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     assert f"{first.name}: complete results of the same config, skipped" in r.stderr
-    assert f"resume: {len(done)} job(s) skipped, {4 - len(done)} launched" in r.stderr
+    first_line = next(line for line in r.stderr.splitlines() if "[harness]" in line or "[HYDRA]" in line)
+    assert (
+        f"sweep of {JOBS} job(s) into {sweep}: {JOBS - len(done)} to run, {len(done)} skipped" in first_line
+    )
     assert snapshot(first) == before  # not recomputed: the same bytes, the same modification times
     rows = by_job(sweep)
-    assert len(rows) == 4
+    assert len(rows) == JOBS
     assert_same_aucs(rows, by_job(basic))
 
 
@@ -118,11 +157,12 @@ def test_resuming_a_finished_sweep_skips_every_job_and_keeps_the_report(basic, t
     args = (*SWEEP, "resume=true", f"hydra/sweeper={sweeper}", f"hydra.sweep.dir={sweep}")
     r = harness(*args, python=("-X", "importtime"))
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("skipped (resume=true)") == 4
+    assert r.stderr.count("skipped (resume=true)") == JOBS
     if sweeper == "basic_resume":  # the harness's sweeper launches none of them
-        assert "resume: 4 job(s) skipped, 0 launched" in r.stderr and "Launching" not in r.stderr
+        assert f"sweep of {JOBS} job(s) into {sweep}: 0 to run, {JOBS} skipped" in r.stderr
+        assert "Launching" not in r.stderr
     else:  # any other sweeper launches them all, and each job skips itself
-        assert "Launching 4 jobs locally" in r.stderr
+        assert f"Launching {JOBS} jobs locally" in r.stderr
     assert "is up to date" in r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "import time:" in line}
     assert "hydra" in imported and not {"torch", "pandas", "matplotlib"} & imported  # no model work
@@ -145,12 +185,12 @@ def test_a_truncated_run_json_is_reported_set_aside_and_run_again(basic, tmp_pat
     )
     assert listed.returncode == 0, listed.stderr
     assert f"left out {broken}: run.json cannot be read" in listed.stderr
-    assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 3  # never merged
+    assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == JOBS - 1  # never merged
 
     r = harness(*SWEEP, "resume=true", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     assert f"{broken.name}: run.json cannot be read" in r.stderr and "truncated or corrupt" in r.stderr
-    assert r.stderr.count("skipped (resume=true)") == 3
+    assert r.stderr.count("skipped (resume=true)") == JOBS - 1
     assert read_job(broken).complete
     (aside,) = broken.glob("stale-*")
     assert (aside / "run.json").read_text() == text[: len(text) // 2]  # kept, not lost
@@ -178,7 +218,7 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
     )
     assert r.returncode == 0, r.stderr
     both = pd.read_csv(merged / "summary.csv")
-    assert len(both) == 8 and sorted(both["phase"].unique()) == ["all", "evaluate"]
+    assert len(both) == 2 * JOBS and sorted(both["phase"].unique()) == ["all", "evaluate"]
 
     # New metric settings: the same AUCs as a sweep that computes the maps again with them.
     changed = ["metric=[deletion]", "metric.deletion.steps=7", "metric.deletion.substrate=mean"]

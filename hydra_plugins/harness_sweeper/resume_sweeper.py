@@ -1,12 +1,15 @@
 """Hydra's basic sweeper, less the jobs that `resume=true` would skip: they are never launched.
 
 Hydra's `BasicSweeper` composes every job's config in the sweeping process to catch composition
-errors early, then hands all jobs to the launcher. `ResumeSweeper` uses that same composition to
-decide, from the job's folder alone (`harness.resume.job_state`), whether the job already has
-complete results of the same config; only the other jobs go to the launcher. A resumed sweep of
-thousands of Slurm jobs then submits only the unfinished ones instead of an array of no-op tasks,
-and a finished sweep resumes without starting a single job. Each job still checks its folder
-itself (`harness.app.prepare`), so a launcher fed by another sweeper skips the same jobs, later.
+errors early, then hands all jobs to the launcher. `ResumeSweeper` composes each job too, through
+`JobComposer` (one full composition per distinct set of config-group choices, the other overrides
+applied per job: milliseconds a job instead of a tenth of a second), and decides from the job's
+folder alone (`harness.resume.job_state`) whether the job already has complete results of the same
+config; only the other jobs go to the launcher. A resumed sweep of thousands of Slurm jobs then
+submits only the unfinished ones instead of an array of no-op tasks, and a finished sweep resumes
+without starting a single job. Each job still checks its folder itself (`harness.app.prepare`), so
+a launcher fed by another sweeper skips the same jobs, later. Its first line says how many jobs the
+sweep has and how many will run.
 
 Hydra accepts sweepers only from the `hydra_plugins` package, hence this module's place;
 `conf/hydra/sweeper/basic_resume.yaml` selects it.
@@ -14,34 +17,56 @@ Hydra accepts sweepers only from the `hydra_plugins` package, hence this module'
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from harness.resume import job_state
+from harness.resume import SKIPPED, job_state
+from hydra_plugins.harness_sweeper.composer import JobComposer
 
 log = logging.getLogger("harness")
 
 
-def finished(job: DictConfig) -> bool:
-    """Whether a composed job (Hydra's config of one job, `hydra` node included) asks to resume
-    and its folder holds complete results of the same config; `job_state` logs the skip.
+# Skipped jobs named in the log before the sweep starts; the rest are counted.
+NAMED = 20
+
+
+def finished(job: DictConfig, reads_hydra: bool = True) -> Path | None:
+    """The folder of a composed job (Hydra's config of one job, `hydra` node included) when it asks
+    to resume and the folder holds complete results of the same config, else None. The job's config
+    is the caller's own copy: its `hydra` node is removed, as Hydra does for the task. `reads_hydra`
+    (see `JobComposer.reads_hydra`) says whether the task config needs `HydraConfig` to resolve;
+    setting it costs more than the rest of the decision.
     """
     if not job.get("resume"):
-        return False
+        return None
+    if reads_hydra:
+        HydraConfig.instance().set_config(job)  # as the launcher does, for `${hydra:...}` in the task
     folder = Path(job.hydra.sweep.dir, job.hydra.sweep.subdir).absolute()
-    HydraConfig.instance().set_config(job)  # as the launcher does, for `${hydra:...}` in the config
-    task = copy.deepcopy(job)  # the task's config, as `hydra.core.utils.run_job` makes it
-    with read_write(task), open_dict(task):
-        del task["hydra"]
-    return job_state(task, folder).kept
+    with read_write(job), open_dict(job):
+        del job["hydra"]  # the task's config, as `hydra.core.utils.run_job` makes it
+    return folder if job_state(job, folder).kept else None
+
+
+def plan(composer: JobComposer, jobs: list[list[str]]) -> tuple[list[list[str]], list[Path]]:
+    """The jobs to launch, those that `finished` does not rule out, and the folders of the others.
+    Composing each job here also checks it before any is launched, as BasicSweeper does.
+    """
+    todo, skipped = [], []
+    for job in jobs:
+        folder = finished(composer.compose(job), composer.reads_hydra(job))
+        if folder is None:
+            todo.append(job)
+        else:
+            skipped.append(folder)
+    return todo, skipped
 
 
 class ResumeSweeper(BasicSweeper):
@@ -58,22 +83,25 @@ class ResumeSweeper(BasicSweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
+        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        assert isinstance(loader, ConfigLoaderImpl)
+        todo, skipped = plan(JobComposer(loader, self.config), jobs)
+        _log_plan(len(jobs), sweep_dir, len(todo), skipped)
         returns: list[Sequence[JobReturn]] = []
-        launched = skipped = 0
-        for batch in self.split_arguments(overrides, self.max_batch_size):
-            todo = []
-            for job in batch:
-                # Composing each job here also checks it before any is launched, as BasicSweeper does.
-                if finished(loader.load_sweep_config(self.config, list(job))):
-                    skipped += 1
-                else:
-                    todo.append(job)
-            if todo:
-                results = self.launcher.launch(todo, initial_job_idx=launched)
-                for result in results:
-                    _ = result.return_value  # raises if the job raised
-                launched += len(todo)
-                returns.append(results)
-        if skipped:
-            log.info("resume: %d job(s) skipped, %d launched", skipped, launched)
+        size = self.max_batch_size or max(1, len(todo))
+        for start in range(0, len(todo), size):
+            results = self.launcher.launch(todo[start : start + size], initial_job_idx=start)
+            for result in results:
+                _ = result.return_value  # raises if the job raised
+            returns.append(results)
         return returns
+
+
+def _log_plan(jobs: int, sweep_dir: Path, todo: int, skipped: list[Path]) -> None:
+    """The sweep's first lines: how many jobs it has and will run, then the skipped ones by name."""
+    note = f", {len(skipped)} skipped (complete results of the same config, resume=true)" if skipped else ""
+    log.info("sweep of %d job(s) into %s: %d to run%s", jobs, sweep_dir, todo, note)
+    for folder in skipped[:NAMED]:
+        log.info("%s: %s", folder.name, SKIPPED)
+    if len(skipped) > NAMED:
+        log.info("... and %d more skipped", len(skipped) - NAMED)
