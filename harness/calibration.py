@@ -33,9 +33,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness.device import DEFAULT_BATCH_SIZES, MemoryModel, SpeedOptions, fitting_sizes, image_memory
+from harness.model_speed import ModelSpeed
 from harness.results import atomic_write
 from harness.resume import digest
-from harness.timing import KINDS, ModelSpeed, machine_id
+from harness.timing import KINDS, machine_id
 
 log = logging.getLogger("harness")
 CALIBRATION_DIR = ".calibration"

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.timing import forward_backward_step, forward_step, tile_images
+from harness.model_speed import forward_backward_step, forward_step, tile_images
 
 log = logging.getLogger("harness")
 T = TypeVar("T")

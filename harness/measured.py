@@ -26,9 +26,10 @@ import torch
 
 from harness.device import halving_on_oom
 from harness.errors import HarnessError
+from harness.model_speed import ModelSpeed
 from harness.profiling import KernelProfile, profile_call
 from harness.progress import Progress
-from harness.timing import ModelSpeed, Stopwatch, Timing, first_passes, measure
+from harness.timing import Stopwatch, Timing, first_passes, measure
 
 # Kernels (or CPU ops) per method and metric in kernels.csv.
 TOP_KERNELS = 15

@@ -28,11 +28,12 @@ from harness.data import Images
 from harness.device import SpeedOptions, available_memory, fold_batchnorm, job_device, resolve_device
 from harness.errors import HarnessError
 from harness.measured import Measured, TimingSettings, kernels_table, measure_call
+from harness.model_speed import ModelSpeed
 from harness.models import Classifier
 from harness.progress import Progress
 from harness.results import bootstrap_ci, read_maps, write_files, write_row
 from harness.resume import complete_jobs, config_hash, digest
-from harness.timing import ModelSpeed, Stopwatch, machine_id, peak_memory_mb
+from harness.timing import Stopwatch, machine_id, peak_memory_mb
 from methods import EAGER_ONLY, FORWARD_ONLY
 from methods.common import seed_all
 from metrics import Curve

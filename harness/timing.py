@@ -19,13 +19,19 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from harness.model_speed import ModelSpeed
+
+# The two kinds of model pass: plain forwards (perturbations, curves) and forward+backward (gradients).
+KINDS = ("forward", "forward_backward")
 
 
 @dataclass
@@ -201,7 +207,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run `fn` once; its output and wall time in ms (CUDA: events, after a synchronisation)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         synchronize(device)
@@ -213,154 +220,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn()
     return out, (time.perf_counter() - t0) * 1e3
-
-
-def tile_images(
-    sample: torch.Tensor, n: int, device: torch.device, memory_format: torch.memory_format
-) -> torch.Tensor:
-    """`n` images on `device`: the sample's images repeated in order."""
-    x = sample.repeat((-(-n // len(sample)), 1, 1, 1))[:n]
-    return x.to(device).contiguous(memory_format=memory_format)
-
-
-def forward_step(model: nn.Module, x: torch.Tensor) -> None:
-    """One plain forward pass, no autograd: what perturbation methods and the curves pay per image."""
-    with torch.no_grad():
-        model(x)
-
-
-def forward_backward_step(model: nn.Module, x: torch.Tensor) -> None:
-    """One forward+backward pass to the input only, as attribution methods take gradients."""
-    xg = x.detach().requires_grad_()
-    torch.autograd.grad(model(xg).float().logsumexp(dim=1).sum(), xg)
-
-
-def fastest(per_image_ms: dict[int, float], tolerance: float = 0.05) -> int:
-    """The largest batch size whose time per image is within `tolerance` of the best one's."""
-    best = min(per_image_ms.values())
-    return max(b for b, ms in per_image_ms.items() if ms <= best * (1 + tolerance))
-
-
-# The two kinds of model pass: plain forwards (perturbations, curves) and forward+backward (gradients).
-KINDS = ("forward", "forward_backward")
-
-
-class ModelSpeed:
-    """The model's own cost per image on a device: the unit of every bound.
-
-    Times loops of plain forward passes (no autograd) and of forward+backward passes (gradient to
-    the input only, as attribution methods take it) on real inputs. The loops that choose the batch
-    sizes (`calibrate`) cover at least `min_images` images each: a single short call runs faster
-    than a sustained loop on a busy CPU. The loops that bound a call (`now`) cover at least
-    `pair_images`, one batch at least. Each batch size is warmed up once, before its first loop.
-
-    Attributes:
-        per_batch_ms: per kind (`forward`, `forward_backward`), the best time per image of each
-            batch size measured (see `calibrate`) or adopted from a measurement made before.
-        batch_size: images per plain forward: the largest size at the best speed.
-        grad_batch_size: images per forward+backward, chosen the same way (None: not measured).
-        forward_ms: the best forward time per image seen so far (at `batch_size`).
-        forward_backward_ms: the best forward+backward time per image seen so far (None: not measured).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        sample: torch.Tensor,
-        device: torch.device,
-        memory_format: torch.memory_format = torch.contiguous_format,
-        min_images: int = 16,
-        pair_images: int = 8,
-    ) -> None:
-        self.model, self.sample, self.device = model, sample, device
-        self.memory_format, self.min_images, self.pair_images = memory_format, min_images, pair_images
-        self.per_batch_ms: dict[str, dict[int, float]] = {}
-        self.batch_size: int = 1
-        self.grad_batch_size: int | None = None
-        self.forward_ms = float("inf")
-        self.forward_backward_ms: float | None = None
-        self._tiled: dict[int, torch.Tensor] = {}
-        self._warm: set[tuple[str, int]] = set()
-        self._last: dict[str, tuple[float, float]] = {}  # kind -> (when it ended, ms per image)
-
-    def _inputs(self, bs: int) -> torch.Tensor:
-        """The sample tiled to `bs` images on the device, built once per batch size."""
-        if bs not in self._tiled:
-            self._tiled[bs] = tile_images(self.sample, bs, self.device, self.memory_format)
-        return self._tiled[bs]
-
-    def loop_ms(self, kind: str, bs: int, images: int | None = None) -> float:
-        """Time per image of one loop of `kind` passes at batch size `bs` over at least `images`
-        images (default `min_images`), warmed up on the first use of the size.
-        """
-        x, calls = self._inputs(bs), -(-(images or self.min_images) // bs)
-        step = forward_backward_step if kind == "forward_backward" else forward_step
-        if (kind, bs) not in self._warm:
-            step(self.model, x)
-            synchronize(self.device)
-            self._warm.add((kind, bs))
-
-        def loop() -> None:
-            for _ in range(calls):
-                step(self.model, x)
-
-        synchronize(self.device)
-        _, ms = _timed(loop, self.device)
-        return ms / (calls * bs)
-
-    def calibrate(self, sizes: Mapping[str, Sequence[int]], rounds: int = 3) -> dict[str, dict[int, float]]:
-        """Time a loop at every (kind, size) in turn, `rounds` times over, and keep the best of each.
-
-        Going round all sizes before repeating any, rather than repeating each size in a row, spreads
-        a noisy stretch of time over all of them instead of over the few that it happened to hit;
-        the best of the rounds then leaves it out. Returns and adopts (see `adopt`) the tables.
-        """
-        best = {kind: dict.fromkeys(sorted(table), float("inf")) for kind, table in sizes.items()}
-        for _ in range(rounds):
-            for kind, table in best.items():
-                for bs in table:
-                    table[bs] = min(table[bs], self.loop_ms(kind, bs))
-        self.adopt(best)
-        return best
-
-    def adopt(self, per_batch_ms: dict[str, dict[int, float]]) -> None:
-        """Take the loop speeds by kind and batch size (measured now, or in an earlier job of the
-        sweep) and choose each kind's batch size from them (see `fastest`).
-        """
-        self.per_batch_ms |= {kind: dict(table) for kind, table in per_batch_ms.items() if table}
-        forward = self.per_batch_ms.get("forward")
-        if forward:
-            self.batch_size = fastest(forward)
-            self.forward_ms = forward[self.batch_size]
-        backward = self.per_batch_ms.get("forward_backward")
-        if backward:
-            self.grad_batch_size = fastest(backward)
-            self.forward_backward_ms = backward[self.grad_batch_size]
-
-    @property
-    def per_batch_backward_ms(self) -> dict[int, float]:
-        """Forward+backward time per image by batch size ({} when not measured)."""
-        return self.per_batch_ms.get("forward_backward", {})
-
-    def now(self, kinds: Iterable[str], max_age_s: float = 0.0) -> dict[str, float]:
-        """Per image, in ms: one loop of each kind asked for at its chosen batch size, timed now, or
-        the last such loop when it ended less than `max_age_s` ago. Keeps the best seen.
-        """
-        out = {}
-        for kind in kinds:
-            bs = self.batch_size if kind == "forward" else self.grad_batch_size
-            if bs is None:
-                raise RuntimeError("a call backpropagated in a job that timed no forward+backward passes")
-            ended, ms = self._last.get(kind, (-float("inf"), float("nan")))
-            if time.perf_counter() - ended >= max_age_s:
-                ms = self.loop_ms(kind, bs, self.pair_images)
-                self._last[kind] = (time.perf_counter(), ms)
-            out[kind] = ms
-            if kind == "forward":
-                self.forward_ms = min(self.forward_ms, ms)
-            else:
-                self.forward_backward_ms = min(self.forward_backward_ms or float("inf"), ms)
-        return out
 
 
 def _kinds(counter: ForwardCounter) -> set[str]:
@@ -441,10 +300,10 @@ def measure(
         len(timing.times_ms) < min_repeats or timing.total_ms < budget_s * 1e3
     ):
         if model is None:
-            out, ms = _timed(fn, device)
+            out, ms = timed(fn, device)
         else:
             with count_forwards(model) as counter:
-                out, ms = _timed(fn, device)
+                out, ms = timed(fn, device)
             timing.forwards, timing.backwards = counter.forwards, counter.backwards
             if bounded:
                 kinds |= _kinds(counter)  # a kind the warm-up did not reach: timed after the calls

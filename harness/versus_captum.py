@@ -33,9 +33,10 @@ import methods
 import metrics
 from harness.data import photos
 from harness.device import DEFAULT_BATCH_SIZES, available_memory, fold_batchnorm, image_memory
+from harness.model_speed import ModelSpeed
 from harness.models import Classifier, efficientnet_lite0, torchvision_classifier
 from harness.results import atomic_write
-from harness.timing import ModelSpeed, count_forwards, machine_id, measure, synchronize
+from harness.timing import count_forwards, machine_id, measure, synchronize
 
 log = logging.getLogger("harness")
 SETTINGS: dict[str, Callable[[], Classifier]] = {

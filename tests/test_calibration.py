@@ -10,11 +10,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import harness.timing
+import harness.model_speed
 from harness.calibration import CALIBRATION_DIR, calibrate, settings
 from harness.device import SpeedOptions
+from harness.model_speed import ModelSpeed
 from harness.run import run_job
-from harness.timing import ModelSpeed
 from tests.conftest import CONF
 
 
@@ -58,8 +58,10 @@ def test_a_job_on_a_noisy_machine_still_gets_the_chunk_sizes_of_the_sweeps_measu
 
         return slow
 
-    monkeypatch.setattr(harness.timing, "forward_step", noisy(harness.timing.forward_step))
-    monkeypatch.setattr(harness.timing, "forward_backward_step", noisy(harness.timing.forward_backward_step))
+    monkeypatch.setattr(harness.model_speed, "forward_step", noisy(harness.model_speed.forward_step))
+    monkeypatch.setattr(
+        harness.model_speed, "forward_backward_step", noisy(harness.model_speed.forward_backward_step)
+    )
     second = run_job(job_config("seed=1"), tmp_path / "b", calibration_dir=tmp_path)
     assert second["calibration"] == "reused"
     assert (second["batch_size"], second["grad_batch_size"]) == (

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from harness.measured import TimingSettings, measure_call
+from harness.model_speed import ModelSpeed
 from harness.progress import Progress
-from harness.timing import ModelSpeed, Stopwatch
+from harness.timing import Stopwatch
 
 CPU = torch.device("cpu")
 PASSES = 10
