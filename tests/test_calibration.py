@@ -112,7 +112,7 @@ def small_speed(loop_s: float = 0.0) -> tuple[ModelSpeed, torch.nn.Module, list[
     speed = ModelSpeed(module, torch.randn(2, 3, 32, 32), torch.device("cpu"), min_images=2)
     loops: list[int] = []
 
-    def loop_ms(kind, bs, images=None):
+    def loop_ms(kind, bs):
         loops.append(bs)
         time.sleep(loop_s)
         return 1.0 / bs

@@ -94,7 +94,7 @@ def fake_speed(times: dict[int, list[float]]) -> tuple[ModelSpeed, list[int]]:
     speed = ModelSpeed(tiny_model(), torch.randn(2, 3, 8, 8), torch.device("cpu"))
     calls: list[int] = []
 
-    def loop_ms(kind, bs, images=None):
+    def loop_ms(kind, bs):
         calls.append(bs)
         return times[bs][calls.count(bs) - 1]
 
