@@ -167,9 +167,7 @@ def calibrate(
     """
     key = digest(facts)
     if folder is None:
-        found = _measure(speed, module, facts, kinds, None, key, facts["memory_budget"] * available)
-        found.source = "measured"
-        return found
+        return _measure(speed, module, facts, kinds, None, key, facts["memory_budget"] * available)
     path = folder / CALIBRATION_DIR / f"{key}.json"
     with _locked(path):
         known = _read(path)
@@ -201,25 +199,20 @@ def _measure(
     """
     t0 = time.perf_counter()
     fixed = {"forward": facts["batch_size"], "forward_backward": facts["grad_batch_size"]}
-    memory, sizes = {}, {}
+    memory: dict[str, MemoryModel] = {}
+    sizes: dict[str, list[int]] = {}
     for kind in kinds:
         grad = kind == "forward_backward"
         memory[kind] = image_memory(module, speed.sample, speed.device, grad, speed.memory_format)
-        sizes[kind] = (
-            [fixed[kind]] if fixed[kind] else fitting_sizes(facts["batch_sizes"], memory[kind], budget, kind)
-        )
+        if fixed[kind]:
+            sizes[kind] = [fixed[kind]]
+        else:
+            sizes[kind] = fitting_sizes(facts["batch_sizes"], memory[kind], budget, kind)
     per_batch = speed.calibrate(sizes, rounds=ROUNDS)
-    log.info(
-        "calibration %s: measured %s in %.1f s; chunk sizes %s",
-        key,
-        ", ".join(kinds),
-        time.perf_counter() - t0,
-        ", ".join(
-            f"{k} {s}"
-            for k, s in (("forward", speed.batch_size), ("forward_backward", speed.grad_batch_size))
-            if k in kinds
-        ),
-    )
+    chosen = {"forward": speed.batch_size, "forward_backward": speed.grad_batch_size}
+    sizes_text = ", ".join(f"{kind} {chosen[kind]}" for kind in kinds)
+    log.info("calibration %s: measured %s in %.1f s; chunk sizes %s", key, ", ".join(kinds),
+             time.perf_counter() - t0, sizes_text)  # fmt: skip
     merged_memory = (known.memory if known else {}) | memory
     merged_speed = (known.per_batch_ms if known else {}) | per_batch
     order = [k for k in KINDS if k in merged_memory]

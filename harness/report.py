@@ -81,8 +81,8 @@ def _settings_note(rows: pd.DataFrame, metrics: list[str]) -> str:
         "Settings: " + "; ".join(parts) + f"; {device}; torch {_one(rows['torch_version'])}, "
         f"captum {_one(rows['captum_version'])}, commit {_one(rows['git_commit'])}. "
         "Intervals: 95% bootstrap over images. Bound: the model's own forward (+backward) time for "
-        "the images the call forwarded, at its best batch size, in loops timed just before and after "
-        "the call; the ratio is the best over repeats."
+        "the images the call forwarded, at its best batch size, at the speed of the faster of the loops "
+        "timed just before and after the call; the ratio is the best over repeats."
     )
 
 

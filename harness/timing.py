@@ -246,10 +246,11 @@ def measure(
     With `speed`, loops of the model's own passes (one of each kind that the calls use) bracket the
     calls: one before the first call, one after the last, and one between two calls whenever
     `budget_s` has passed since the last loop. Each call's bound is its forwards and backwards at
-    the mean speed of the loops just before and just after its stretch of calls, so a call is always
-    compared with the model timed within about `budget_s` of it, and cheap calls repeated back to
-    back share two loops instead of paying two each. The loop before the first call is the last
-    loop of the previous call when that ended less than `budget_s` ago.
+    the speed of the faster of the loops just before and just after its stretch of calls (other work
+    on the machine only ever adds time, to loops as to calls), so a call is always compared with the
+    model timed within about `budget_s` of it, and cheap calls repeated back to back share two loops
+    instead of paying two each. The loop before the first call is the last loop of the previous call
+    when that ended less than `budget_s` ago.
 
     Args:
         fn: the call to time; it must give the same output each time (seed inside it if random).
@@ -287,7 +288,7 @@ def measure(
         timing.loops_ms += (last_loop - t) * 1e3
         if len(loops) > 1:  # the bound of the calls between the last two loops
             pair = loops[-2:]
-            per_image = {k: statistics.fmean(loop[k] for loop in pair if k in loop) for k in kinds}
+            per_image = {k: min(loop[k] for loop in pair if k in loop) for k in kinds}
             bound = timing.forwards * per_image.get("forward", 0.0)
             bound += timing.backwards * per_image.get("forward_backward", 0.0)
             timing.bounds_ms += [bound] * len(stretch)
