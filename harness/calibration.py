@@ -4,7 +4,8 @@ For a model config on a device, with its speed options, memory budget, candidate
 thread count, on one kind of machine, a calibration holds: the memory one image needs in a plain
 forward and in a forward+backward pass, the budget in bytes, and for each kind of pass the time per
 image of sustained loops at every candidate size that fits the budget. The chunk sizes follow from
-those (`ModelSpeed.adopt`: the largest size within 5% of the best speed).
+those (`ModelSpeed.adopt`: of the sizes within 5% of the best speed, the largest on a GPU and the
+smallest on a CPU).
 
 Measuring this takes seconds to minutes (three rounds over every size, see `ModelSpeed.calibrate`),
 and a chunk size chosen from a few loops in a noisy minute can slow a whole job several times over.

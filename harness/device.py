@@ -7,9 +7,9 @@ The memory budget replaces hand-set batch sizes. One chunk (the images that go t
 one forward, or one forward+backward) may use `memory_budget` times the free GPU memory, or times the
 available RAM on CPU. A model's memory grows linearly with the batch: on CUDA the allocator's peak
 is measured at two batch sizes, on CPU the activation sizes are summed (there is no allocator peak to
-read). The chunk sizes that fit are candidates; the harness times them and keeps the largest that
-runs at the model's best speed. A chunk that still runs out of memory is halved and retried; the
-chunk used and the retries go in the row.
+read). The chunk sizes that fit are candidates; the harness times them (`harness.calibration`) and
+keeps one that runs at the model's best speed. A chunk that still runs out of memory is halved and
+retried; the chunk used and the retries go in the row.
 """
 
 from __future__ import annotations
