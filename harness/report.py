@@ -3,8 +3,9 @@
     python -m harness.report <sweep folder> [<sweep folder> ...] [--out <folder>]
 
 writes `summary.csv` (one row per job), `summary.md` and the plots `curves.png` (mean deletion and
-insertion curves per method with a 95% band), `grid_<model>_<data>.png` (images by methods, each map
-over its image), `time_vs_insertion.png`, and the timing report (`timing.md` and the `speed_*.png`
+insertion curves per method with a 95% band), `road.png` (ROAD's most- and least-relevant-first
+curves), `grid_<model>_<data>.png` (images by methods, each map over its image),
+`time_vs_insertion.png`, and the timing report (`timing.md` and the `speed_*.png`
 plots, see `harness.speed_report`). At the end of every sweep, `harness.app.ReportCallback` does the
 same.
 """
@@ -25,12 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from harness.results import atomic_write, load_rows, metric_names, read_maps  # noqa: E402
+from harness.results import atomic_write, load_rows, metric_names, read_maps, value_fields  # noqa: E402
 from harness.speed_report import save_figure, write_timing  # noqa: E402
-from metrics import HIGHER_IS_BETTER  # noqa: E402
 
 log = logging.getLogger("harness.report")
 GROUP = ["model", "data", "device"]
+ARROW = {"higher": "↑", "lower": "↓"}
+# The curves of each plot: `<file>.png` shows these curves of curves.csv, where the rows have them.
+CURVE_PLOTS = {"curves": ("deletion", "insertion"), "road": ("road_morf", "road_lerf")}
 
 
 def _label(rows: pd.DataFrame) -> pd.Series:
@@ -40,25 +43,32 @@ def _label(rows: pd.DataFrame) -> pd.Series:
 
 
 def markdown(rows: pd.DataFrame) -> str:
-    """The headline table: AUCs with 95% intervals, cost per image and ratio to the forward bound."""
-    metrics = metric_names(rows)
+    """The headline table: each metric value with its 95% interval and direction (as the metric
+    declares it), cost per image and ratio to the forward bound.
+    """
+    metrics, fields = metric_names(rows), value_fields(rows)
     table = pd.DataFrame({"model": rows["model"], "data": rows["data"], "device": rows["device"]})
     table["method"] = rows["method"]
     table["images"] = rows["n_images"]
-    for m in metrics:
-        arrow = "↑" if HIGHER_IS_BETTER.get(m, True) else "↓"
-        table[f"{m} AUC {arrow}"] = [
-            f"{a:.3f} [{lo:.3f}, {hi:.3f}]"
-            for a, lo, hi in zip(rows[f"{m}_auc"], rows[f"{m}_auc_low"], rows[f"{m}_auc_high"], strict=True)
+    for f, better in fields.items():
+        table[f"{f} {ARROW[better]}"] = [
+            f"{_value(a)} [{_value(lo)}, {_value(hi)}]"
+            for a, lo, hi in zip(rows[f], rows[f"{f}_low"], rows[f"{f}_high"], strict=True)
         ]
     table["method ms/image"] = rows["method_ms_per_image"].map("{:.1f}".format)
     table["method / bound"] = rows["method_bound_ratio"].map(_ratio)
     for m in metrics:
         table[f"{m} / bound"] = rows[f"{m}_bound_ratio"].map(_ratio)
-    order = rows.sort_values(GROUP + [f"{metrics[-1]}_auc"], ascending=[True] * 3 + [False]).index
+    key = "insertion_auc" if "insertion_auc" in fields else next(iter(fields))
+    order = rows.sort_values(GROUP + [key], ascending=[True] * 3 + [fields[key] == "lower"]).index
     table = table.loc[order]
     note = _settings_note(rows, metrics)
     return table.to_markdown(index=False) + "\n\n" + note + "\n"
+
+
+def _value(v: float) -> str:
+    """Three decimals, or three significant digits for values too small for them (infidelity)."""
+    return f"{v:.3f}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}"
 
 
 def _ratio(v: Any) -> str:
@@ -71,7 +81,7 @@ def _settings_note(rows: pd.DataFrame, metrics: list[str]) -> str:
     for m in metrics:
         cols = sorted(c for c in rows.columns if c.startswith(f"{m}.") and c != f"{m}.chunk_size")
         values = ", ".join(f"{c.split('.', 1)[1]}={_one(rows[c])}" for c in cols)
-        parts.append(f"{m}: {values}")
+        parts.append(f"{m}: {values}" if values else m)
     device = ", ".join(
         f"{c}={_one(rows[c])}"
         for c in ["precision", "channels_last", "batch_size", "torch_threads", "gpu_name", "machine", "cpu"]
@@ -91,20 +101,26 @@ def _one(col: pd.Series) -> str:
     return values[0] if len(values) == 1 else "{" + ", ".join(values) + "}" if len(values) else "-"
 
 
-def plot_curves(rows: pd.DataFrame, path: Path) -> None:
-    """Mean curve over images per job, with a 95% band (normal approximation over images)."""
-    metrics = metric_names(rows)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5), squeeze=False)
+def plot_curves(rows: pd.DataFrame, curves: list[str], path: Path) -> None:
+    """Mean curve over images per job, with a 95% band (normal approximation over images), one panel
+    per curve of `curves.csv` (`deletion`, `road_morf`, ...), jobs ordered best first by the curve's
+    `<curve>_auc`.
+    """
+    fields = value_fields(rows)
+    fig, axes = plt.subplots(1, len(curves), figsize=(6.5 * len(curves), 5), squeeze=False)
     colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     labels = _label(rows)
     curves_of = {i: pd.read_csv(Path(d) / "curves.csv") for i, d in rows["job_dir"].items()}
-    for ax, m in zip(axes[0], metrics, strict=True):
+    for ax, m in zip(axes[0], curves, strict=True):
+        metric = next(n for n in metric_names(rows) if m == n or m.startswith(f"{n}_"))
         # Probabilities live in [0, 1]; logits do not.
-        probability = f"{m}.score" not in rows or bool((rows[f"{m}.score"] == "softmax").all())
-        order = rows[f"{m}_auc"].sort_values(ascending=not HIGHER_IS_BETTER.get(m, True)).index
+        probability = f"{metric}.score" not in rows or bool(
+            rows[f"{metric}.score"].isin(["softmax", "accuracy"]).all()
+        )
+        order = rows[f"{m}_auc"].sort_values(ascending=fields[f"{m}_auc"] == "lower").index
         for rank, i in enumerate(order):
-            job, curves = rows.loc[i], curves_of[i]
-            sub = curves[curves["metric"] == m]
+            job, table = rows.loc[i], curves_of[i]
+            sub = table[table["metric"] == m]
             c = sub.pivot(index="image_id", columns="point", values="score")
             x = sub.groupby("point")["fraction"].first()
             mean, sem = c.mean(), c.std(ddof=1).fillna(0) / math.sqrt(len(c))
@@ -114,11 +130,10 @@ def plot_curves(rows: pd.DataFrame, path: Path) -> None:
             if probability:
                 low, high = low.clip(lower=0), high.clip(upper=1)
             ax.fill_between(x, low, high, color=colour, alpha=0.06)
-        best = "higher" if HIGHER_IS_BETTER.get(m, True) else "lower"
         ax.set(
-            title=f"{m}: mean over images, 95% band (AUC, {best} is better)",
+            title=f"{m}: mean over images, 95% band (AUC, {fields[f'{m}_auc']} is better)",
             xlabel="fraction of pixels changed",
-            ylabel="score",
+            ylabel=str(_one(rows[f"{metric}.score"])) if f"{metric}.score" in rows else "score",
             xlim=(0, 1),
         )
         if probability:
@@ -185,8 +200,10 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
     atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows)))
-    if {"deletion_auc", "insertion_auc"} & set(rows.columns):
-        plot_curves(rows, out / "curves.png")
+    for name, wanted in CURVE_PLOTS.items():
+        present = [c for c in wanted if f"{c}_auc" in rows.columns]
+        if present:
+            plot_curves(rows, present, out / f"{name}.png")
     if "insertion_auc" in rows.columns:
         plot_time_vs_insertion(rows, out / "time_vs_insertion.png")
     for (model, data), group in rows.groupby(["model", "data"]):

@@ -6,20 +6,14 @@ maps), scores, times and writes the job's results.
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
-import subprocess
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import captum
 import numpy as np
-import pandas as pd
 import torch
-import torchvision
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,15 +25,26 @@ from harness.measured import Measured, TimingSettings, kernels_table, measure_ca
 from harness.model_speed import ModelSpeed
 from harness.models import Classifier
 from harness.progress import Progress
-from harness.results import bootstrap_ci, read_maps, write_files, write_row
+from harness.results import read_maps, write_files, write_row
 from harness.resume import complete_jobs, config_hash, digest
-from harness.timing import Stopwatch, machine_id, peak_memory_mb
-from methods import EAGER_ONLY, FORWARD_ONLY
+from harness.rows import (
+    breakdown,
+    environment,
+    headline,
+    job_fields,
+    maps_arrays,
+    metric_fields,
+    params,
+    tables,
+)
+from harness.timing import Stopwatch
+from methods import MethodTraits
+from methods import traits_of as method_traits
 from methods.common import seed_all
-from metrics import Curve
+from metrics import MetricTraits, Result, field_name
+from metrics import traits_of as metric_traits
 
 log = logging.getLogger("harness")
-REPO = Path(__file__).resolve().parents[1]
 PHASES = ("all", "evaluate")
 
 __all__ = ["HarnessError", "Job", "build", "run_job"]
@@ -62,7 +67,9 @@ class Job:
     data: Images
     method_name: str
     method: Any
+    method_traits: MethodTraits
     metrics: dict[str, Any]
+    metric_traits: dict[str, MetricTraits]
     speed: ModelSpeed
     calibration: Calibration
     batchnorms_folded: int
@@ -98,17 +105,22 @@ def build(
 ) -> Job:
     """Instantiate the job's model, data, method and metrics on its device, with its speed options.
 
-    When `device.batch_size` (plain forwards) or `device.grad_batch_size` (forward+backward) is
-    null, the candidate `device.batch_sizes` that fit the memory budget are timed and the largest at
-    the model's best speed is kept, once per sweep: the first job measures and writes the figures to
-    `calibration_dir` (the sweep's folder), the others read them (see `harness.calibration`). The
-    method and metric configs take their chunk sizes from these two through `${device.batch_size}`
-    and `${device.grad_batch_size}`.
+    Every setting that can be checked without the model is checked first (device, timing, each
+    metric's parameters), so that a bad value fails before any model work. When `device.batch_size`
+    (plain forwards) or `device.grad_batch_size` (forward+backward) is null, the candidate
+    `device.batch_sizes` that fit the memory budget are timed and the chunk size is chosen, once per
+    sweep: the first job measures and writes the figures to `calibration_dir` (the sweep's folder),
+    the others read them (see `harness.calibration`). The method and metric configs take their chunk
+    sizes from these two through `${device.batch_size}` and `${device.grad_batch_size}`.
     """
     clock = clock or Stopwatch()
     options = SpeedOptions.from_config(cfg.device)
     _check_device_config(cfg.device)
     timing = _timing_settings(cfg)
+    metric_fns = _metric_functions(cfg)
+    method = instantiate(cfg.method)
+    name = _function_name(cfg.method)
+    traits = _method_traits(method, name)
     device = device or resolve_device(cfg.device.name)
     options.apply_backend_flags()
     with clock("build"):
@@ -120,9 +132,11 @@ def build(
             sample = data.images[:2].to(device).contiguous(memory_format=options.memory_format)
             folded = fold_batchnorm(clf.module, sample)
         model = options.compiled(clf.module)
-    name = _function_name(cfg.method)
-    # Only jobs whose method backpropagates time and size forward+backward passes.
-    kinds = ["forward"] + ([] if _forward_only(cfg, name) else ["forward_backward"])
+    # Only jobs whose method backpropagates (or whose metrics re-run it) time forward+backward passes.
+    backprop = not _forward_only(cfg, traits) or (
+        not traits.forward_only and any("explain" in metric_traits(f).needs for f in metric_fns.values())
+    )
+    kinds = ["forward"] + (["forward_backward"] if backprop else [])
     speed = ModelSpeed(model, data.images, device, options.memory_format)
     with clock("calibration"), options.autocast(device):
         facts = settings(cfg, device, options)
@@ -130,14 +144,47 @@ def build(
     cfg.device.batch_size = speed.batch_size
     cfg.device.grad_batch_size = speed.grad_batch_size
     metrics = {metric: instantiate(node) for metric, node in cfg.metric.items()}
-    if not metrics:
-        raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
-    method = instantiate(cfg.method)
+    method = instantiate(cfg.method)  # again: its chunk size is known now
     progress = Progress(f"{name} on {clf.name}/{data.name}", cfg.get("progress"))
+    declared = {m: metric_traits(f) for m, f in metrics.items()}
     return Job(
-        cfg, device, options, clf, model, data, name, method, metrics, speed, calibration, folded, timing,
-        clock, progress,
+        cfg, device, options, clf, model, data, name, method, traits, metrics, declared, speed, calibration,
+        folded, timing, clock, progress,
     )  # fmt: skip
+
+
+def _method_traits(method: Any, name: str) -> MethodTraits:
+    try:
+        return method_traits(method)
+    except TypeError as e:
+        raise HarnessError(f"method {name}: {e}") from None
+
+
+def _metric_functions(cfg: DictConfig) -> dict[str, Any]:
+    """The selected metrics, built with their settings as given (chunk sizes may not be chosen yet),
+    each checked by the metric's own `check`: a bad value fails here, before any model work.
+    """
+    if not cfg.metric:
+        raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
+    built = {}
+    for name, node in cfg.metric.items():
+        fn = instantiate(node)
+        try:
+            traits = metric_traits(fn)
+        except TypeError as e:
+            raise HarnessError(f"metric {name}: {e}") from None
+        if "explain" in traits.needs and cfg.get("phase") == "evaluate":
+            raise HarnessError(
+                f"metric {name} re-runs the method, which phase=evaluate does not run; use phase=all"
+            )
+        if traits.check is not None:
+            given = {k: v for k, v in fn.keywords.items() if not (k == "chunk_size" and v is None)}
+            try:
+                traits.check(**given)
+            except ValueError as e:
+                raise HarnessError(f"metric.{name}: {e}") from None
+        built[str(name)] = fn
+    return built
 
 
 def _timing_settings(cfg: DictConfig) -> TimingSettings:
@@ -149,9 +196,9 @@ def _timing_settings(cfg: DictConfig) -> TimingSettings:
     return TimingSettings.from_config(node)
 
 
-def _forward_only(cfg: DictConfig, method: str) -> bool:
-    """Whether the job runs plain forwards only: a forward-only method, or scoring saved maps."""
-    return method in FORWARD_ONLY or cfg.get("phase") == "evaluate"
+def _forward_only(cfg: DictConfig, traits: MethodTraits) -> bool:
+    """Whether the job's method runs plain forwards only: a forward-only method, or saved maps."""
+    return traits.forward_only or cfg.get("phase") == "evaluate"
 
 
 def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Tensor:
@@ -170,31 +217,6 @@ def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Te
             f"method {method} returned NaN or inf in {int((~torch.isfinite(maps)).sum())} values"
         )
     return maps
-
-
-def _params(prefix: str, node: DictConfig) -> dict[str, Any]:
-    plain = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(plain, dict)
-    return {f"{prefix}.{k!s}": v for k, v in plain.items() if not str(k).startswith("_")}
-
-
-@cache
-def git_commit() -> str | None:
-    """The repository's commit, with `+dirty` when tracked files have changed."""
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return sha + ("+dirty" if dirty else "")
 
 
 def explain_key(cfg: DictConfig, device: torch.device) -> str:
@@ -267,7 +289,13 @@ def run_job(
         log.info("%s: started", _label(job))
         with job.progress:
             row = _run(job, out, config, key, source)
-        log.info(_headline(row, list(job.metrics)))
+        fields = [
+            field_name(m, k)
+            for m, r in job.metric_traits.items()
+            for k in r.better
+            if field_name(m, k) in row
+        ]
+        log.info(headline(row, fields))
         return row
 
 
@@ -298,31 +326,70 @@ def _run(
         maps, method_fields = _attribute(job, x, target, measured)
     else:
         maps, target, method_fields = _reuse(job, source)
-    curves: dict[str, Curve] = {}
-    for name, metric in job.metrics.items():
-
-        def score(rows: slice, chunk: int | None, metric: Any = metric) -> Curve:
-            seed_all(seed)  # a random substrate draws the same noise on every call
-            return metric(job.model, x[rows], maps[rows], target[rows], chunk_size=chunk)
-
-        with opts.autocast(dev):
-            measured[name] = _measure(job, job.model, score, metric.keywords["chunk_size"], f"metric {name}")
-        curves[name] = measured[name].out
-    row = _row(job, config, key, source, target, measured) | method_fields
-    for name, curve in curves.items():
-        low, high = bootstrap_ci(curve.auc, seed=seed)
-        row |= {f"{name}_auc": float(curve.auc.mean()), f"{name}_auc_low": low, f"{name}_auc_high": high}
-        row |= measured[name].fields(name) | _params(name, cfg.metric[name])
-    row["metrics_s"] = sum(measured[name].timing.total_ms for name in curves) / 1e3
-    row |= _environment(dev)
+    results = {name: _score(job, name, x, maps, target, measured) for name in job.metrics}
+    row = (
+        job_fields(job, config, key, None if source is None else source[0], target, measured) | method_fields
+    )
+    for name, result in results.items():
+        better = job.metric_traits[name].better
+        row |= metric_fields(name, result, better, measured[name], cfg.metric[name], seed)
+    row["metrics_s"] = sum(measured[name].timing.total_ms for name in results) / 1e3
+    row |= environment(dev)
     with job.clock("write"):
-        curves_df, scores_df = _tables(job, curves, target, probs)
-        tables = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": kernels_table(measured)}
-        arrays = source[2] if source is not None else _maps(job, maps, target, key, bool(cfg.save_maps))
-        files = write_files(out, tables, arrays)
-    row |= _breakdown(job.clock, row)
+        curves_df, scores_df = tables(job, results, target, probs)
+        files_ = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": kernels_table(measured)}
+        arrays = source[2] if source is not None else maps_arrays(job, maps, target, key, bool(cfg.save_maps))
+        files = write_files(out, files_, arrays)
+    row |= breakdown(job.clock, row)
     write_row(out, row, files)
     return row
+
+
+def _score(
+    job: Job,
+    name: str,
+    x: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor,
+    measured: dict[str, Measured],
+) -> Result:
+    """Score the maps with one metric, timed like the method (into `measured[name]`), passing it what
+    it declares it needs besides (model, inputs, maps, target).
+    """
+    metric, needs, seed = job.metrics[name], job.metric_traits[name].needs, int(job.cfg.seed)
+    extra: dict[str, Any] = {}
+    model = job.model
+    if "normalization" in needs:
+        extra |= {"mean": tuple(job.classifier.mean), "std": tuple(job.classifier.std)}
+    if "explain" in needs:
+        extra["explain"], model = _explainer(job)
+    if "ground_truth" in needs:
+        raise HarnessError(f"metric {name} needs ground truth, which data {job.data.name} does not have")
+
+    def score(rows: slice, chunk: int | None) -> Result:
+        seed_all(seed)  # random draws (substrates, perturbations, imputation noise) the same on every call
+        return metric(model, x[rows], maps[rows], target[rows], chunk_size=chunk, **extra)
+
+    with job.options.autocast(job.device):
+        measured[name] = _measure(job, model, score, metric.keywords["chunk_size"], f"metric {name}")
+    result = measured[name].out
+    if not isinstance(result, Result):
+        raise HarnessError(f"metric {name} returned {type(result).__name__}; expected metrics.Result")
+    return result
+
+
+def _explainer(job: Job) -> tuple[Any, torch.nn.Module]:
+    """The job's method as `explain(inputs, target) -> maps`, for metrics that re-run it, and the model
+    it runs (whose passes the metric's timing counts).
+    """
+    model = job.classifier.module if job.method_traits.eager_only else job.model
+    seed = int(job.cfg.seed)
+
+    def explain(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seed_all(seed)  # a stochastic method draws the same numbers for a perturbed input as for the input
+        return job.method(model, inputs, target).detach()
+
+    return explain, model
 
 
 def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, what: str) -> Measured:
@@ -340,82 +407,12 @@ def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, wha
     )
 
 
-# Where a job's time goes besides its calls, in the order of the row's overhead_* fields.
-OVERHEAD = ("build", "calibration", "warmup", "bound_loops", "profile", "write")
-
-
-def _breakdown(clock: Stopwatch, row: dict[str, Any]) -> dict[str, Any]:
-    """`job_s` (the job's wall time so far: all but writing `run.json`), the time in the calls
-    (`method_s`, `metrics_s`) and the rest (`overhead_s`), split into `overhead_<part>_s` and
-    `overhead_other_s` (imports, the top-1 forward, tables, the resume check).
-    """
-    job_s = clock.elapsed()
-    calls = (row.get("method_s") or 0.0) if row["phase"] == "all" else 0.0
-    overhead = job_s - calls - row["metrics_s"]
-    parts = {f"overhead_{k}_s": clock.spent.get(k, 0.0) for k in OVERHEAD}
-    return {
-        "job_s": job_s,
-        "overhead_s": overhead,
-        "overhead_share": overhead / job_s if job_s > 0 else None,
-        **parts,
-        "overhead_other_s": overhead - sum(parts.values()),
-    }
-
-
-def _row(
-    job: Job,
-    config: str,
-    key: str,
-    source: tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None,
-    target: torch.Tensor,
-    measured: dict[str, Measured],
-) -> dict[str, Any]:
-    """The row's fields that describe the job: what ran, where, with which settings and speeds."""
-    cfg, speed, calib = job.cfg, job.speed, job.calibration
-    backward = calib.memory.get("forward_backward") if job.speed.grad_batch_size else None
-    profiles = [m.profile for m in measured.values() if m.profile is not None]
-    return {
-        "model": job.classifier.name,
-        "pretrained": job.classifier.pretrained,
-        "model_seed": job.classifier.seed,
-        "data": job.data.name,
-        "method": job.method_name,
-        "device": job.device.type,
-        "device_config": cfg.device.name,
-        **job.options.row(),
-        "batchnorms_folded": job.batchnorms_folded,
-        "n_images": len(job.data.ids),
-        "seed": int(cfg.seed),
-        "phase": cfg.phase,
-        "maps_from": None if source is None else str(source[0]),
-        "config_hash": config,
-        "explain_key": key,
-        "input_size": job.classifier.input_size,
-        "batch_size": speed.batch_size,
-        "grad_batch_size": speed.grad_batch_size,
-        "calibration": calib.source,
-        "calibration_key": calib.key,
-        "memory_budget": float(cfg.device.memory_budget),
-        "memory_budget_mb": calib.budget / 2**20,
-        "forward_mb_per_image": calib.memory["forward"].per_image / 2**20,
-        "forward_backward_mb_per_image": None if backward is None else backward.per_image / 2**20,
-        "memory_estimate": calib.memory["forward"].how,
-        "top1_equals_label": _agreement(target, job.data.labels),
-        "forward_ms_per_image": speed.forward_ms,
-        "forward_backward_ms_per_image": speed.forward_backward_ms,
-        "forward_ms_by_batch": {str(k): v for k, v in speed.per_batch_ms["forward"].items()},
-        "forward_backward_ms_by_batch": {str(k): v for k, v in speed.per_batch_backward_ms.items()},
-        "kernel_kind": profiles[0].kind if profiles else None,
-        **(_params("timing", cfg.timing) if "timing" in cfg else {}),
-    }
-
-
 def _attribute(
     job: Job, x: torch.Tensor, target: torch.Tensor, measured: dict[str, Measured]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run the job's method, timed and profiled (into `measured`); the maps and the row's method fields."""
     dev, opts = job.device, job.options
-    method_model = job.classifier.module if job.method_name in EAGER_ONLY else job.model
+    method_model = job.classifier.module if job.method_traits.eager_only else job.model
     seed = int(job.cfg.seed)
 
     def attribute(rows: slice, chunk: int | None) -> torch.Tensor:
@@ -430,7 +427,7 @@ def _attribute(
     fields = {
         "method_compiled": opts.compile is not None and method_model is not job.classifier.module,
         **measured["method"].fields("method"),
-        **_params("method", job.cfg.method),
+        **params("method", job.cfg.method),
     }
     return maps, fields
 
@@ -447,86 +444,3 @@ def _reuse(
     target = torch.from_numpy(arrays["target"]).to(job.device)
     fields = {k: v for k, v in row.items() if k.startswith("method") and k != "method"}
     return maps, target, fields
-
-
-def _agreement(target: torch.Tensor, labels: torch.Tensor) -> float | None:
-    known = labels >= 0
-    if not known.any():
-        return None
-    return float((target.cpu()[known] == labels[known]).float().mean())
-
-
-def _environment(dev: torch.device) -> dict[str, Any]:
-    return {
-        "peak_mem_mb": peak_memory_mb(dev),
-        "peak_mem_kind": "cuda_allocated" if dev.type == "cuda" else "process_rss",
-        "gpu_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-        "machine": machine_id(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "captum_version": captum.__version__,
-        "python_version": platform.python_version(),
-        "git_commit": git_commit(),
-    }
-
-
-def _tables(
-    job: Job, curves: dict[str, Curve], target: torch.Tensor, probs: torch.Tensor
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    ids = job.data.ids
-    long = []
-    for name, c in curves.items():
-        scores, fractions = c.scores.cpu(), c.fractions.cpu()
-        for i, image in enumerate(ids):
-            for p in range(len(fractions)):
-                long.append((name, image, p, float(fractions[p]), float(scores[i, p])))
-    curves_df = pd.DataFrame(long, columns=["metric", "image_id", "point", "fraction", "score"])
-    t = target.cpu()
-    scores_df = pd.DataFrame(
-        {
-            "image_id": ids,
-            "label": job.data.labels.tolist(),
-            "target": t.tolist(),
-            "target_name": [job.classifier.class_names[i] for i in t.tolist()],
-            "target_prob": probs.cpu().gather(1, t[:, None])[:, 0].tolist(),
-            **{f"{name}_auc": c.auc.cpu().tolist() for name, c in curves.items()},
-        }
-    )
-    return curves_df, scores_df
-
-
-def _maps(job: Job, maps: torch.Tensor, target: torch.Tensor, key: str, full: bool) -> dict[str, np.ndarray]:
-    """What `attributions.npz` holds: the maps as the method returned them (`[B, 1 or C, H, W]`,
-    float32) when `full`, else summed over channels in float16 for display only; the image ids,
-    labels, targets and their names; the images as displayed (uint8); the method and its settings.
-    """
-    mean = torch.tensor(job.classifier.mean)[:, None, None]
-    std = torch.tensor(job.classifier.std)[:, None, None]
-    pixels = (job.data.images * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
-    kept = maps.float() if full else maps.sum(dim=1, keepdim=True).half()
-    return {
-        "maps": kept.cpu().numpy(),
-        "full": np.array(full),
-        "ids": np.array(job.data.ids, dtype=str),
-        "label": job.data.labels.cpu().numpy(),
-        "target": target.cpu().numpy(),
-        "target_names": np.array([job.classifier.class_names[i] for i in target.tolist()], dtype=str),
-        "images": pixels.numpy(),
-        "method": np.array(job.method_name),
-        "method_params": np.array(json.dumps(_params("method", job.cfg.method))),
-        "explain_key": np.array(key),
-    }
-
-
-def _headline(row: dict[str, Any], metrics: list[str]) -> str:
-    scores = ", ".join(
-        f"{m} {row[f'{m}_auc']:.3f} [{row[f'{m}_auc_low']:.3f}, {row[f'{m}_auc_high']:.3f}]" for m in metrics
-    )
-    ratio = row["method_bound_ratio"]
-    cost = "no model passes" if ratio is None else f"{ratio:.2f}x its forward bound"
-    return (
-        f"{row['method']} on {row['model']}/{row['data']} ({row['device']}, {row['n_images']} images): "
-        f"{scores}; {row['method_ms_per_image']:.1f} ms/image, {cost}; job {row['job_s']:.1f} s, "
-        f"{row['overhead_share']:.0%} of it overhead"
-    )

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.results import atomic_write, metric_names  # noqa: E402
+from harness.results import atomic_write, metric_names, value_fields  # noqa: E402
 
 # Options a speed sweep varies; the plain path is fp32, eager, no TF32.
 OPTIONS = ["precision", "channels_last", "cudnn_benchmark", "tf32", "compile", "memory_budget"]
@@ -117,9 +117,9 @@ def option_effects(rows: pd.DataFrame) -> pd.DataFrame:
             "speed-up": base["method_ms_per_image"] / r["method_ms_per_image"],
         }
         moved = []
-        for m in metric_names(rows):
-            d = r[f"{m}_auc"] - base[f"{m}_auc"]
-            line[f"Δ {m} AUC"] = d
+        for f in value_fields(rows):
+            d = r[f] - base[f]
+            line[f"Δ {f}"] = d
             moved.append(abs(d))
         line["safe"] = "yes" if max(moved, default=0.0) <= SAFE_AUC else "no"
         lines.append(line)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from methods.common import method
 
+
+@method(forward_only=True, stochastic=True)
 def random(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Uniform random map `[B, 1, H, W]` from torch's global generator (seeded by the job).
 

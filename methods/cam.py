@@ -6,7 +6,7 @@ import torch
 from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
 
-from methods.common import chunked
+from methods.common import chunked, method
 
 
 def _layer(model: nn.Module, layer: str) -> nn.Module:
@@ -20,6 +20,7 @@ def _layer(model: nn.Module, layer: str) -> nn.Module:
         ) from e
 
 
+@method(eager_only=True)
 def grad_cam(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -43,6 +44,7 @@ def grad_cam(
     return chunked(attribute, inputs, target, chunk_size)
 
 
+@method(eager_only=True)
 def guided_grad_cam(
     model: nn.Module,
     inputs: torch.Tensor,

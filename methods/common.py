@@ -1,10 +1,57 @@
-"""What every method shares: splitting a batch of images into chunks that fit one forward pass."""
+"""What every method shares: its traits, and splitting a batch of images into chunks that fit one
+forward pass.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the job, the report and the tests must know about a method, declared on the method.
+
+    Attributes:
+        forward_only: runs plain forwards only (no autograd): its config takes `${device.batch_size}`,
+            and its jobs neither time nor size forward+backward passes.
+        eager_only: hooks or rewrites modules inside the model (Captum's module hooks): it gets the
+            eager model even when the device config compiles it (the row's `method_compiled: false`).
+        stochastic: draws random numbers (from torch's or NumPy's global generator); the job seeds
+            them before every call, so that every call gives the same map.
+    """
+
+    forward_only: bool = False
+    eager_only: bool = False
+    stochastic: bool = False
+
+
+def method(
+    *, forward_only: bool = False, eager_only: bool = False, stochastic: bool = False
+) -> Callable[[F], F]:
+    """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
+
+    def mark(fn: F) -> F:
+        fn.traits = MethodTraits(forward_only, eager_only, stochastic)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def traits_of(fn: Any) -> MethodTraits:
+    """The traits of a method, or of a `functools.partial` of one (what Hydra builds)."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    found = getattr(fn, "traits", None)
+    if not isinstance(found, MethodTraits):
+        raise TypeError(f"{getattr(fn, '__name__', fn)!r} is not a method: mark it with @methods.method(...)")
+    return found
 
 
 def chunked(

@@ -18,9 +18,10 @@ from captum.attr import (
 )
 from torch import nn
 
-from methods.common import chunked
+from methods.common import chunked, method
 
 
+@method()
 def saliency(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
 ) -> torch.Tensor:
@@ -29,6 +30,7 @@ def saliency(
     return chunked(lambda x, t: explainer.attribute(x, target=t, abs=True), inputs, target, chunk_size)
 
 
+@method()
 def input_x_gradient(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
 ) -> torch.Tensor:
@@ -37,6 +39,7 @@ def input_x_gradient(
     return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
 
 
+@method(eager_only=True)
 def guided_backprop(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
 ) -> torch.Tensor:
@@ -47,6 +50,7 @@ def guided_backprop(
     return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
 
 
+@method()
 def integrated_gradients(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -77,6 +81,7 @@ def integrated_gradients(
     return chunked(attribute, inputs, target, images)
 
 
+@method(stochastic=True)
 def smoothgrad(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -109,6 +114,7 @@ def smoothgrad(
     return chunked(attribute, inputs, target, images)
 
 
+@method(eager_only=True)
 def deeplift(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
 ) -> torch.Tensor:
@@ -120,6 +126,7 @@ def deeplift(
     return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
 
 
+@method(stochastic=True)
 def gradient_shap(
     model: nn.Module,
     inputs: torch.Tensor,

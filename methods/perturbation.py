@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from captum.attr import Occlusion
 from torch import nn
-from torch.nn import functional as F
+
+from methods.common import method
 
 SCORES = ("softmax", "logit")
 
@@ -18,6 +19,7 @@ def _scorer(model: nn.Module, score: str) -> nn.Module:
     raise ValueError(f"score={score!r}; expected one of {SCORES}")
 
 
+@method(forward_only=True)
 def occlusion(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -62,26 +64,58 @@ def occlusion(
     return torch.cat(maps)
 
 
-def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int], cells: int) -> torch.Tensor:
-    """RISE masks `[N, 1, H, W]` from binary grids `[N, s, s]` and shifts `[N, 2]`.
+def _mirror_lerp(
+    out_len: int, crop: int, cells: int, shifts: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis: the two grid indices and the weight of the second, `[N, crop]` each, for the
+    rows (or columns) `shift .. shift + crop` of a `cells`-long axis resized to `out_len` samples.
 
-    Each grid is upsampled bilinearly to (s+1) cells of ceil(H/s) pixels and cropped at its shift
-    (Petsiuk et al. 2018, section 3.2), which gives smooth masks at every offset.
+    As skimage's resize (scipy.ndimage.zoom with grid_mode=True): output sample o sits at input
+    coordinate (o + 0.5) * cells / out_len - 0.5; mode='reflect' mirrors about the edge samples
+    without repeating them (index -1 reads 1, index cells reads cells - 2), as numpy.pad's 'reflect'.
+    """
+    device = shifts.device
+    # coordinate = ((2o + 1) * cells - out_len) / (2 * out_len): floor and remainder in integers.
+    num = (2 * torch.arange(out_len, device=device) + 1) * cells - out_len
+    lo = torch.div(num, 2 * out_len, rounding_mode="floor")
+    frac = (num - lo * 2 * out_len).to(dtype) / (2 * out_len)
+    hi = lo + 1
+    last = cells - 1
+    # Coordinates lie in [-0.5, cells - 0.5), so one reflection suffices; the clamp covers cells == 1.
+    lo = torch.where(lo < 0, -lo, lo).clamp(0, last)
+    hi = torch.where(hi > last, 2 * last - hi, hi).clamp(0, last)
+    at = shifts[:, None] + torch.arange(crop, device=device)  # [N, crop]
+    return lo[at], hi[at], frac[at]
+
+
+def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int], cells: int) -> torch.Tensor:
+    """RISE masks `[N, 1, H, W]` from binary grids `[N, s, s]` and shifts `[N, 2]` in
+    `[0, ceil(H/s)) x [0, ceil(W/s))` (Petsiuk, Das, Saenko 2018, arXiv:1806.07421, section 3.2).
+
+    Each grid is upsampled bilinearly to (s+1) cells of ceil(H/s) x ceil(W/s) pixels and cropped to
+    H x W at its shift, which gives smooth masks at every offset. The masks equal the authors' code
+    (github.com/eclique/RISE, `generate_masks`): scikit-image's
+    `resize(grid, up_size, order=1, mode='reflect', anti_aliasing=False)[x:x + H, y:y + W]`, i.e.
+    half-pixel-centred bilinear interpolation that mirrors the grid at its borders without repeating
+    the edge cell. Computed separably on the grids' device, for all N at once, in the grids' dtype.
     """
     h, w = size
+    n = len(grids)
     ch, cw = -(-h // cells), -(-w // cells)
-    up = F.interpolate(
-        grids[:, None],
-        size=((cells + 1) * ch, (cells + 1) * cw),
-        mode="bilinear",
-        align_corners=False,
-    )[:, 0]
-    rows = shifts[:, :1] + torch.arange(h, device=grids.device)
-    cols = shifts[:, 1:] + torch.arange(w, device=grids.device)
-    n = torch.arange(len(grids), device=grids.device)[:, None, None]
-    return up[n, rows[:, :, None], cols[:, None, :]][:, None]
+    shifts = shifts.to(grids.device)
+    r0, r1, fr = _mirror_lerp((cells + 1) * ch, h, cells, shifts[:, 0], grids.dtype)
+    c0, c1, fc = _mirror_lerp((cells + 1) * cw, w, cells, shifts[:, 1], grids.dtype)
+    # Rows first: [N, s, s] -> [N, H, s].
+    top = grids.gather(1, r0[:, :, None].expand(n, h, cells))
+    bottom = grids.gather(1, r1[:, :, None].expand(n, h, cells))
+    rows = torch.lerp(top, bottom, fr[:, :, None])
+    # Then columns: [N, H, s] -> [N, H, W].
+    left = rows.gather(2, c0[:, None, :].expand(n, h, w))
+    right = rows.gather(2, c1[:, None, :].expand(n, h, w))
+    return torch.lerp(left, right, fc[:, None, :])[:, None]
 
 
+@method(forward_only=True, stochastic=True)
 @torch.no_grad()
 def rise(
     model: nn.Module,

@@ -12,7 +12,6 @@ All of it runs on the inputs' device, batched over (image, step) pairs, with no 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -20,28 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from metrics.contract import Curve, Result, metric
+
 Substrate = Literal["zero", "mean", "blur", "uniform"]
 Score = Literal["softmax", "logit"]
 SUBSTRATES = ("zero", "mean", "blur", "uniform")
 SCORES = ("softmax", "logit")
-
-# Metric metadata, read by the report: the direction of a better score.
-HIGHER_IS_BETTER = {"deletion": False, "insertion": True}
-
-
-@dataclass
-class Curve:
-    """Scores along a deletion or insertion curve.
-
-    Attributes:
-        fractions: `[S+1]` fraction of pixels changed at each point, 0 to 1.
-        scores: `[B, S+1]` score of the target class at each point.
-        auc: `[B]` trapezoid area under each image's curve.
-    """
-
-    fractions: torch.Tensor
-    scores: torch.Tensor
-    auc: torch.Tensor
 
 
 @lru_cache(maxsize=4)
@@ -101,7 +84,22 @@ def pixel_rank(attributions: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(1, order, positions)
 
 
-def _check(inputs: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor) -> None:
+def check_curve(
+    *, steps: int = 28, substrate: str = "zero", score: str = "softmax", chunk_size: int = 16, **_: object
+) -> None:
+    """Raise `ValueError` naming a bad deletion or insertion setting and what is allowed."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r}; expected a positive number of steps")
+    if substrate not in SUBSTRATES:
+        raise ValueError(f"substrate={substrate!r}; expected one of {', '.join(SUBSTRATES)}")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r}; expected one of {', '.join(SCORES)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}; expected a positive number of images per forward")
+
+
+def check_inputs(inputs: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor) -> None:
+    """Raise `ValueError` unless maps `[B, 1 or C, H, W]` (finite) and target `[B]` fit the inputs."""
     b, _, h, w = inputs.shape
     if attributions.dim() != 4 or attributions.shape[0] != b or attributions.shape[2:] != (h, w):
         raise ValueError(
@@ -164,6 +162,7 @@ def causal_curve(
     return Curve(fractions, scores, torch.trapezoid(scores, fractions, dim=1))
 
 
+@metric(better={"auc": "lower"}, check=check_curve)
 def deletion(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -174,7 +173,7 @@ def deletion(
     substrate: str = "zero",
     score: str = "softmax",
     chunk_size: int = 16,
-) -> Curve:
+) -> Result:
     """Deletion curve: remove the most important pixels first; a faithful map drops the score fast.
 
     Lower AUC is better.
@@ -192,15 +191,18 @@ def deletion(
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
         >>> x, a = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 4, 4)
-        >>> curve = deletion(model, x, a, torch.tensor([0, 1]), steps=4)
+        >>> curve = deletion(model, x, a, torch.tensor([0, 1]), steps=4).curves[""]
         >>> curve.scores.shape, curve.fractions.tolist()
         (torch.Size([2, 5]), [0.0, 0.25, 0.5, 0.75, 1.0])
     """
-    _check(inputs, attributions, target)
+    check_curve(steps=steps, substrate=substrate, score=score, chunk_size=chunk_size)
+    check_inputs(inputs, attributions, target)
     finish = make_substrate(inputs, substrate)
-    return causal_curve(model, inputs, finish, pixel_rank(attributions), target, steps, score, chunk_size)
+    curve = causal_curve(model, inputs, finish, pixel_rank(attributions), target, steps, score, chunk_size)
+    return Result({"auc": curve.auc}, {"": curve})
 
 
+@metric(better={"auc": "higher"}, check=check_curve)
 def insertion(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -211,12 +213,14 @@ def insertion(
     substrate: str = "blur",
     score: str = "softmax",
     chunk_size: int = 16,
-) -> Curve:
+) -> Result:
     """Insertion curve: restore the most important pixels first; a faithful map raises the score fast.
 
     Higher AUC is better. Arguments as for `deletion`; the substrate (default: RISE's blur) is the
     starting image.
     """
-    _check(inputs, attributions, target)
+    check_curve(steps=steps, substrate=substrate, score=score, chunk_size=chunk_size)
+    check_inputs(inputs, attributions, target)
     start = make_substrate(inputs, substrate)
-    return causal_curve(model, start, inputs, pixel_rank(attributions), target, steps, score, chunk_size)
+    curve = causal_curve(model, start, inputs, pixel_rank(attributions), target, steps, score, chunk_size)
+    return Result({"auc": curve.auc}, {"": curve})

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness.run import HarnessError, resolve_device
-from methods import FORWARD_ONLY
+from methods import traits_of
 from tests.conftest import CONF
 
 GROUPS = ("model", "data", "method", "metric", "device", "experiment")
@@ -74,7 +74,7 @@ def test_functions_follow_the_naming_rule(group):
         fn = instantiate(node)
         assert fn.func is getattr(module, name)
         # Plain forwards take ${device.batch_size}, forward+backward passes ${device.grad_batch_size}.
-        chunk = 2 if group == "metric" or name in FORWARD_ONLY else 3
+        chunk = 2 if group == "metric" or traits_of(fn).forward_only else 3
         assert fn.keywords.get("chunk_size", chunk) == chunk, name
 
 

@@ -114,6 +114,7 @@ def test_job_halves_its_chunks_on_out_of_memory_and_records_it(tmp_path, monkeyp
             raise oom()
         return real_deletion(model, x, a, t, chunk_size=chunk_size, **kw)
 
+    saliency.traits, deletion.traits = real_saliency.traits, real_deletion.traits
     monkeypatch.setattr(methods, "saliency", saliency)
     monkeypatch.setattr(metrics, "deletion", deletion)
     row = run_job(job_config("device.batch_size=8", "device.grad_batch_size=8"), tmp_path / "oom")
@@ -279,7 +280,7 @@ def maps_and_aucs(model, x, t):
     out = {}
     for name, fn in CHEAP.items():
         a = fn(model, x, t)
-        out[name] = (a, metrics.deletion(model, x, a, t, steps=7, chunk_size=8).auc)
+        out[name] = (a, metrics.deletion(model, x, a, t, steps=7, chunk_size=8).values["auc"])
     return out
 
 
@@ -324,7 +325,7 @@ def test_half_precision_curves_on_the_pretrained_model():
     def aucs(precision: str) -> list[float]:
         with SpeedOptions(precision=precision).autocast(CPU):
             return [
-                float(m(model, x, a, t, chunk_size=8).auc.mean())
+                float(m(model, x, a, t, chunk_size=8).values["auc"].mean())
                 for m in (metrics.deletion, metrics.insertion)
             ]
 

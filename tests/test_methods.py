@@ -8,11 +8,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import methods
-from methods.common import seed_all
+from methods.common import seed_all, traits_of
 from methods.perturbation import rise_masks
 from tests.conftest import CONF, Linear, PatchDetector, method_configs
 
-STOCHASTIC = {"smoothgrad", "gradient_shap", "rise", "random"}
 # Noise per sample depends on which images share a call; RISE's masks are shared, so it stays exact.
 BATCH_DEPENDENT = {"smoothgrad", "gradient_shap"}
 CHEAP = {"n_steps": 8, "nt_samples": 4, "n_samples": 4, "n_masks": 24, "window": 8, "stride": 4}
@@ -45,6 +44,34 @@ def test_contract_shape_device_finite_repeatable(name, small_cnn, images):
     assert torch.isfinite(a).all()
     assert a.abs().sum() > 0
     torch.testing.assert_close(call(fn, small_cnn.module, images, t), a)
+
+
+@pytest.mark.parametrize("name", method_configs())
+def test_declared_traits_hold(name, small_cnn, images):
+    """Each method's traits say what it does: a method not declared stochastic gives the same map
+    whatever the generators' state; a forward-only one never backpropagates.
+    """
+    fn, t = configured(name), torch.tensor([0, 1, 2, 3, 4])
+    traits = traits_of(fn)
+    backwards = []
+
+    def count_backward(module, args, out):
+        if out.requires_grad:  # fires only when something backpropagates through the logits
+            out.register_hook(lambda grad: backwards.append(1))
+
+    handle = small_cnn.module.register_forward_hook(count_backward)
+    try:
+        first, second = (
+            call(fn, small_cnn.module, images, t, seed=0),
+            call(fn, small_cnn.module, images, t, seed=1),
+        )
+    finally:
+        handle.remove()
+    assert traits.forward_only == (not backwards), name
+    if not traits.stochastic:
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+    else:
+        assert not torch.equal(first, second), name
 
 
 @pytest.mark.parametrize("name", sorted(set(method_configs()) - BATCH_DEPENDENT))
@@ -162,15 +189,18 @@ def test_rise_equals_naive_loop(small_cnn, images):
 def test_rise_masks_are_smooth_crops_of_the_grid():
     grid = torch.zeros(1, 2, 2)
     grid[0, 0, 0] = 1.0  # only the top-left cell kept
+    # The 2x2 grid is upsampled to 3 cells of 4 pixels (12x12): pixel o's centre sits at grid
+    # coordinate c = (o + 0.5) / 6 - 0.5. Mode 'reflect' (skimage, as the authors) mirrors the
+    # grid without repeating its edge cell, so the top-left cell's weight along an axis is 1 - |c|
+    # for c <= 1 and c - 1 beyond (coordinate c reads cell 2 - c past the last cell).
+    c = (torch.arange(12) + 0.5) / 6 - 0.5
+    p = torch.where(c <= 1, 1 - c.abs(), c - 1)
     m = rise_masks(grid, torch.tensor([[0, 0]]), (8, 8), 2)[0, 0]
-    # The 2x2 grid is upsampled to 3 cells of 4 pixels (12x12): pixel 7's centre sits at grid
-    # coordinate 7.5 / 6 - 0.5 = 0.75, so bilinear weights give (1 - 0.75)^2 there.
-    assert m.shape == (8, 8) and m[0, 0] == 1.0
-    assert abs(float(m[-1, -1]) - 0.0625) < 1e-6
-    assert (m.diff(dim=1) <= 1e-6).all() and (m.diff(dim=0) <= 1e-6).all()
+    assert m.shape == (8, 8)
+    assert abs(float(m[0, 0]) - (7 / 12) ** 2) < 1e-6 and abs(float(m[-1, -1]) - 0.0625) < 1e-6
+    torch.testing.assert_close(m, torch.outer(p[:8], p[:8]))
     shifted = rise_masks(grid, torch.tensor([[2, 3]]), (8, 8), 2)[0, 0]
-    up = torch.nn.functional.interpolate(grid[None], size=(12, 12), mode="bilinear")[0, 0]
-    torch.testing.assert_close(shifted, up[2:10, 3:11])
+    torch.testing.assert_close(shifted, torch.outer(p[2:10], p[3:11]))
 
 
 def test_grad_cam_equals_hand_computation(small_cnn, images):

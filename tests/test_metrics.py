@@ -43,7 +43,9 @@ def test_curve_equals_naive_loop(small_cnn, images, metric, substrate, score, st
     attributions = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     attributions[0, :, :8] = 0.0  # ties: kept in pixel order
     target = torch.tensor([0, 1, 2, 3, 4])
-    curve = metric(model, images, attributions, target, steps=steps, substrate=substrate, score=score)
+    result = metric(model, images, attributions, target, steps=steps, substrate=substrate, score=score)
+    curve = result.curves[""]
+    torch.testing.assert_close(result.values["auc"], curve.auc)
     sub = make_substrate(images, substrate)
     for b in range(5):
         fr, sc, auc = naive_curve(
@@ -58,12 +60,12 @@ def test_curve_equals_naive_loop(small_cnn, images, metric, substrate, score, st
 def test_curve_invariant_to_chunk_and_batch(small_cnn, images, metric):
     a = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([4, 3, 2, 1, 0])
-    ref = metric(small_cnn.module, images, a, t, steps=9, chunk_size=1)
+    ref = metric(small_cnn.module, images, a, t, steps=9, chunk_size=1).curves[""]
     for chunk in (4, 7, 64):
-        other = metric(small_cnn.module, images, a, t, steps=9, chunk_size=chunk)
+        other = metric(small_cnn.module, images, a, t, steps=9, chunk_size=chunk).curves[""]
         torch.testing.assert_close(other.scores, ref.scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(other.auc, ref.auc, rtol=0, atol=1e-6)
-    alone = metric(small_cnn.module, images[2:3], a[2:3], t[2:3], steps=9)
+    alone = metric(small_cnn.module, images[2:3], a[2:3], t[2:3], steps=9).curves[""]
     torch.testing.assert_close(alone.scores[0], ref.scores[2], rtol=1e-5, atol=1e-6)
 
 
@@ -71,10 +73,10 @@ def test_endpoints_are_image_and_substrate(small_cnn, images):
     a, t = torch.rand(5, 1, 32, 32), torch.zeros(5, dtype=torch.long)
     probs = small_cnn.module(images).softmax(1)[:, 0].detach()
     zero = small_cnn.module(torch.zeros_like(images)).softmax(1)[:, 0].detach()
-    d = deletion(small_cnn.module, images, a, t, steps=5)
+    d = deletion(small_cnn.module, images, a, t, steps=5).curves[""]
     torch.testing.assert_close(d.scores[:, 0], probs)
     torch.testing.assert_close(d.scores[:, -1], zero)
-    i = insertion(small_cnn.module, images, a, t, steps=5)
+    i = insertion(small_cnn.module, images, a, t, steps=5).curves[""]
     torch.testing.assert_close(i.scores[:, -1], probs)
 
 
@@ -86,7 +88,9 @@ def test_auc_of_linear_scores_is_exact():
             return torch.stack([kept, torch.zeros_like(kept)], 1)
 
     x = torch.ones(2, 1, 8, 8)
-    d = deletion(Count(), x, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), steps=8, score="logit")
+    d = deletion(
+        Count(), x, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), steps=8, score="logit"
+    ).curves[""]
     torch.testing.assert_close(d.scores, (1 - d.fractions).expand(2, -1))
     torch.testing.assert_close(d.auc, torch.full((2,), 0.5))
 
@@ -102,10 +106,10 @@ def test_oracle_beats_random():
     oracle[:, :, rows, cols] = 1.0
     random = torch.rand(6, 1, 32, 32, generator=g)
     for substrate in ("zero", "blur", "mean"):
-        d_oracle = deletion(model, x, oracle, target, steps=16, substrate=substrate).auc
-        d_random = deletion(model, x, random, target, steps=16, substrate=substrate).auc
-        i_oracle = insertion(model, x, oracle, target, steps=16, substrate=substrate).auc
-        i_random = insertion(model, x, random, target, steps=16, substrate=substrate).auc
+        d_oracle = deletion(model, x, oracle, target, steps=16, substrate=substrate).values["auc"]
+        d_random = deletion(model, x, random, target, steps=16, substrate=substrate).values["auc"]
+        i_oracle = insertion(model, x, oracle, target, steps=16, substrate=substrate).values["auc"]
+        i_random = insertion(model, x, random, target, steps=16, substrate=substrate).values["auc"]
         # A blurred patch keeps much of its evidence, so blur separates less (about 0.03 here).
         margin = 0.01 if substrate == "blur" else 0.1
         assert (d_oracle < d_random - margin).all(), substrate
@@ -159,7 +163,7 @@ def test_linear_model_deletion_is_exact():
     x = torch.rand(3, 1, 6, 6)
     contribution = (model.weight[1] * x).detach()
     t = torch.ones(3, dtype=torch.long)
-    d = deletion(model, x, contribution, t, steps=36, score="logit")
+    d = deletion(model, x, contribution, t, steps=36, score="logit").curves[""]
     top = contribution.flatten(1).sort(dim=1, descending=True).values
     removed = torch.cat([torch.zeros(3, 1), top.cumsum(dim=1)], dim=1)
     expected = model(x).detach()[:, 1:2] - removed
@@ -207,8 +211,8 @@ def test_rise_settings_reproduce_rise_protocol_on_pretrained_model():
     with torch.no_grad():
         target = clf.module(x).argmax(1)
     for maps in (saliency(clf.module, x, target), grad_cam(clf.module, x, target, layer="head")):
-        d = deletion(clf.module, x, maps, target, steps=28, substrate="zero", score="softmax")
-        i = insertion(clf.module, x, maps, target, steps=28, substrate="blur", score="softmax")
+        d = deletion(clf.module, x, maps, target, steps=28, substrate="zero", score="softmax").curves[""]
+        i = insertion(clf.module, x, maps, target, steps=28, substrate="blur", score="softmax").curves[""]
         flat = maps.sum(1).numpy()
         ref_d = rise_protocol(clf.module, x, flat, "deletion", 224 * 8)
         ref_i = rise_protocol(clf.module, x, flat, "insertion", 224 * 8)

@@ -1,0 +1,103 @@
+"""What every metric returns and declares, whatever its family.
+
+A metric is a plain function `(model, inputs, attributions, target, *, params) -> Result`, marked with
+`@metric(...)`: the direction of each value it returns (higher or lower is better) and what it needs
+beyond its four arguments (`explain`, the method as a callable that re-explains perturbed inputs;
+`ground_truth`, the data's known evidence). The job, the report and the tests read these traits from
+the function (`traits_of`); no list of metric names lives anywhere else.
+
+A result holds per-image values `[B]` keyed by what they are (`auc`, `morf_auc`, ...; `""` for a metric
+whose value is the metric itself) and optional curves. The row names a value `<metric>_<key>` (or
+`<metric>` for `""`): `deletion` returns `{"auc": ...}`, hence the row's `deletion_auc`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal, TypeVar
+
+import torch
+
+Better = Literal["higher", "lower"]
+NEEDS = ("explain", "ground_truth", "normalization")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Curve:
+    """Scores along a curve of perturbations.
+
+    Attributes:
+        fractions: `[S+1]` fraction of pixels changed at each point, 0 to 1.
+        scores: `[B, S+1]` score of the target class at each point.
+        auc: `[B]` area under each image's curve (how, the metric says).
+    """
+
+    fractions: torch.Tensor
+    scores: torch.Tensor
+    auc: torch.Tensor
+
+
+@dataclass
+class Result:
+    """A metric's answer for a batch of images.
+
+    Attributes:
+        values: per-image values `[B]` by key; the metric's traits give each key's direction.
+        curves: curves by key (`""` for the metric's only curve), for the tables and plots.
+    """
+
+    values: dict[str, torch.Tensor]
+    curves: dict[str, Curve] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricTraits:
+    """What a metric declares about itself.
+
+    Attributes:
+        better: direction of each value key the metric can return.
+        needs: what the job must pass besides (model, inputs, attributions, target): `explain`, a
+            callable `(inputs [N, C, H, W], target [N]) -> maps [N, 1 or C, H, W]` that re-runs the
+            method; `ground_truth`; `normalization`, the model's `mean` and `std` per channel (tuples)
+            that map [0, 1] pixels to its inputs.
+        check: raises `ValueError` naming a bad parameter value and what is allowed; called with the
+            metric's keyword parameters before any model work (and by the metric itself).
+    """
+
+    better: Mapping[str, Better]
+    needs: frozenset[str] = frozenset()
+    check: Callable[..., None] | None = None
+
+
+def metric(
+    *, better: Mapping[str, Better], needs: Iterable[str] = (), check: Callable[..., None] | None = None
+) -> Callable[[F], F]:
+    """Mark a function as a metric with its traits (see `MetricTraits`)."""
+    needs = frozenset(needs)
+    unknown = needs - set(NEEDS)
+    if unknown or any(b not in ("higher", "lower") for b in better.values()):
+        raise ValueError(f"metric traits: needs {sorted(needs)} must be among {NEEDS}; better {dict(better)}")
+
+    def mark(fn: F) -> F:
+        fn.traits = MetricTraits(dict(better), needs, check)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+def traits_of(fn: Any) -> MetricTraits:
+    """The traits of a metric function, or of a `functools.partial` of one (what Hydra builds)."""
+    while isinstance(fn, partial):
+        fn = fn.func
+    found = getattr(fn, "traits", None)
+    if not isinstance(found, MetricTraits):
+        raise TypeError(f"{getattr(fn, '__name__', fn)!r} is not a metric: mark it with @metrics.metric(...)")
+    return found
+
+
+def field_name(metric_name: str, key: str) -> str:
+    """The row's name of a value or curve: `<metric>_<key>`, or `<metric>` for key `""`."""
+    return f"{metric_name}_{key}" if key else metric_name
