@@ -20,7 +20,8 @@ from tests.conftest import CONF
 
 def job_config(*overrides: str):
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", ["model=small_cnn", "device=cpu", "data.num_images=2", *overrides])
+        base = ["model=small_cnn", "device=cpu", "data.num_images=2", "metric=[deletion]"]
+        return compose("config", [*base, *overrides])
 
 
 def calibration_file(folder):

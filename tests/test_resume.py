@@ -135,15 +135,19 @@ def test_progress_counts_the_images_through_the_model(small_cnn):
 
 @pytest.mark.parametrize("method", ["smoothgrad", "gradient_shap", "rise", "random"])
 def test_two_runs_of_a_stochastic_job_give_identical_aucs(tmp_path, method):
-    overrides = ["model=small_cnn", "device=cpu", "data.num_images=3", f"method={method}", "seed=3"]
+    overrides = ["model=small_cnn", "device=cpu", "data.num_images=3", "timing.profile=false"]
+    overrides += [f"method={method}", "seed=3"]
     if method == "rise":
         overrides.append("method.n_masks=200")
     with initialize_config_dir(str(CONF), version_base="1.3"):
         rows = [run_job(compose("config", overrides), tmp_path / str(i)) for i in range(2)]
         other = run_job(compose("config", [*overrides[:-1], "seed=4"]), tmp_path / "seed4")
-    for metric in ("deletion", "insertion"):
-        assert rows[0][f"{metric}_auc"] == rows[1][f"{metric}_auc"]
-    scores = [pd.read_csv(tmp_path / str(i) / "scores.csv") for i in range(2)]
+    for field in ("deletion_auc", "insertion_auc", "road_morf_auc", "road_lerf_auc"):
+        assert rows[0][field] == rows[1][field], field
+    # Each run chooses its own chunk sizes, which may regroup the noisy samples' sums: the maps then
+    # move by float32 rounding, which rankings never see but the Gini index of the values does.
+    assert rows[0]["sparseness"] == pytest.approx(rows[1]["sparseness"], abs=1e-6)
+    scores = [pd.read_csv(tmp_path / str(i) / "scores.csv").drop(columns="sparseness") for i in range(2)]
     pd.testing.assert_frame_equal(scores[0], scores[1], check_exact=True)
     maps = [json.loads((tmp_path / str(i) / "run.json").read_text())["explain_key"] for i in range(2)]
     assert maps[0] == maps[1] != other["explain_key"]  # the seed is part of what a job computes

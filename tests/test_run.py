@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-import harness.run as harness_run
+import harness.rows as harness_rows
 from harness.run import HarnessError, check_attributions
 from tests.conftest import REPO
 
@@ -65,6 +65,14 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
         "insertion_auc",
         "insertion_auc_low",
         "insertion_auc_high",
+        "insertion_auc_better",
+        "road_morf_auc",
+        "road_lerf_auc_low",
+        "road_combined",
+        "road.percentages",
+        "road_forwards_per_image",
+        "sparseness",
+        "sparseness_better",
         "method_ms_per_image",
         "deletion_ms_per_image",
         "method_bound_ratio",
@@ -95,7 +103,7 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
     calls = summary["method_s"] + summary["metrics_s"]
     assert ((calls + summary["overhead_s"] - summary["job_s"]).abs() < 1e-9).all()
     parts = summary.filter(regex=r"^overhead_.+_s$")
-    assert list(parts.columns) == [f"overhead_{k}_s" for k in harness_run.OVERHEAD + ("other",)]
+    assert list(parts.columns) == [f"overhead_{k}_s" for k in harness_rows.OVERHEAD + ("other",)]
     assert ((parts.sum(axis=1) - summary["overhead_s"]).abs() < 1e-9).all()
     assert (summary["overhead_calibration_s"][summary["calibration"] == "reused"] < 0.05).all()
     assert (summary["deletion_auc_low"] <= summary["deletion_auc"]).all()
@@ -103,7 +111,17 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
     occ = summary[summary["method"] == "occlusion"].iloc[0]
     assert occ["method_forwards_per_image"] == 2  # one 32x32 window + the clean image
     assert occ["deletion_forwards_per_image"] == 29  # 28 steps + 1
-    for name in ["summary.md", "curves.png", "time_vs_insertion.png", "grid_small_cnn_photos.png"]:
+    assert (summary["road_forwards_per_image"] == 18).all()  # 9 percentages, both orders
+    assert (summary["deletion_auc_better"] == "lower").all() and (
+        summary["road_lerf_auc_better"] == "higher"
+    ).all()
+    for name in [
+        "summary.md",
+        "curves.png",
+        "road.png",
+        "time_vs_insertion.png",
+        "grid_small_cnn_photos.png",
+    ]:
         assert (sweep / name).stat().st_size > 0, name
 
     # per job: the row, per-image scores agree with it
@@ -132,6 +150,7 @@ def test_speed_sweep_reports_kernels_and_what_each_option_does(tmp_path):
         "data.num_images=3",
         "device.precision=fp32,fp16",
         "device.channels_last=true,false",
+        "metric=[deletion,insertion]",
         f"hydra.sweep.dir={sweep}",
     )
     assert r.returncode == 0, r.stderr
@@ -188,12 +207,21 @@ def test_single_run_with_image_folder(tmp_path):
         (["method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
         (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
         (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, efficientnet_lite0,"),
-        (["metric=[deletions]"], "unknown metric 'deletions'; available: deletion, insertion"),
+        (["metric=[deletions]"], "unknown metric 'deletions'; available: complexity, deletion, infidelity,"),
         (["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
         (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
         (["method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
         (["device.precision=fp8"], "device.precision='fp8'"),
         (["timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
+        (
+            ["metric=[max_sensitivity]", "metric.max_sensitivity.n_samples=0"],
+            "metric.max_sensitivity: n_samples=0",
+        ),
+        (["metric=[infidelity]", "metric.infidelity.std=-1"], "metric.infidelity: std=-1"),
+        (["metric.road.percentages=[10,100]"], "metric.road: percentages=[10, 100]"),
+        (["metric.road.orders=[morf,middle]"], "metric.road: orders=['morf', 'middle']"),
+        (["metric.road.imputation=gain"], "metric.road: imputation='gain'; expected one of ('linear',"),
+        (["metric.road.noise_std=-0.1"], "metric.road: noise_std=-0.1; expected a finite number >= 0"),
         (["+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
     ],
 )

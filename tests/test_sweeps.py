@@ -27,10 +27,10 @@ from tests.conftest import CONF, REPO
 
 SWEEP = [
     "model=small_cnn,resnet18", "model.input_size=32", "method=saliency,rise", "seed=0,1", "device=cpu",
-    "data.num_images=3",
+    "data.num_images=3", "timing.profile=false",
 ]  # fmt: skip
 JOBS = 8
-AUCS = ["deletion_auc", "insertion_auc"]
+AUCS = ["deletion_auc", "insertion_auc", "road_morf_auc", "road_lerf_auc", "sparseness"]
 pytestmark = pytest.mark.slow
 
 
