@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.calibration import Calibration, calibrate, settings
@@ -118,9 +118,8 @@ def build(
     _check_device_config(cfg.device)
     timing = _timing_settings(cfg)
     metric_fns = _metric_functions(cfg)
-    method = instantiate(cfg.method)
     name = _function_name(cfg.method)
-    traits = _method_traits(method, name)
+    traits = _method_traits(get_method(str(cfg.method._target_)), name)
     device = device or resolve_device(cfg.device.name)
     options.apply_backend_flags()
     with clock("build"):
@@ -144,7 +143,7 @@ def build(
     cfg.device.batch_size = speed.batch_size
     cfg.device.grad_batch_size = speed.grad_batch_size
     metrics = {metric: instantiate(node) for metric, node in cfg.metric.items()}
-    method = instantiate(cfg.method)  # again: its chunk size is known now
+    method = instantiate(cfg.method)
     progress = Progress(f"{name} on {clf.name}/{data.name}", cfg.get("progress"))
     declared = {m: metric_traits(f) for m, f in metrics.items()}
     return Job(

@@ -70,6 +70,7 @@ def compare(images: int, repeats: int) -> pd.DataFrame:
     speed = ModelSpeed(model, x, device, torch.contiguous_format)
     speed.calibrate({"forward": DEFAULT_BATCH_SIZES["cpu"]})
     bs = speed.batch_size
+
     def ours() -> Any:
         torch.manual_seed(0)
         return metrics.road(model, x, maps, target, mean=tuple(clf.mean), std=tuple(clf.std), chunk_size=bs)

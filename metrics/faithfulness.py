@@ -72,15 +72,20 @@ def make_substrate(inputs: torch.Tensor, kind: str, generator: torch.Generator |
     raise ValueError(f"substrate={kind!r}; expected one of {SUBSTRATES}")
 
 
-def pixel_rank(attributions: torch.Tensor) -> torch.Tensor:
+def pixel_rank(attributions: torch.Tensor, tie_break: torch.Tensor | None = None) -> torch.Tensor:
     """Rank of each pixel, 0 for the most important: `[B, 1 or C, H, W]` -> `[B, H*W]` int64.
 
-    Ties keep pixel order (row-major), so the ranking is reproducible on every device.
+    Pixels are sorted by the attribution summed over channels, descending. Ties keep the order of
+    `tie_break`, a permutation of the `H*W` positions (sorted stably in permuted order, mapped back;
+    ROAD draws one from the job's seed), or pixel order (row-major) when None, which is reproducible
+    on every device.
     """
     saliency = attributions.sum(dim=1).flatten(1)
-    order = torch.sort(saliency, dim=1, descending=True, stable=True).indices
-    hw = saliency.shape[1]
-    positions = torch.arange(hw, device=order.device).expand_as(order)
+    if tie_break is None:
+        order = torch.sort(saliency, dim=1, descending=True, stable=True).indices
+    else:
+        order = tie_break[torch.sort(saliency[:, tie_break], dim=1, descending=True, stable=True).indices]
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
     return torch.empty_like(order).scatter_(1, order, positions)
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from metrics.contract import Curve, Result, metric
+from metrics.faithfulness import check_inputs, pixel_rank
 from metrics.imputation import METHODS, TOL, impute
 
 ORDERS = ("morf", "lerf")
@@ -85,35 +86,6 @@ def _check_percentages(percentages: Any) -> None:
             f"percentages={percentages!r}; expected a non-empty, strictly increasing sequence of numbers "
             "strictly between 0 and 100"
         )
-
-
-def _check(inputs: torch.Tensor, attributions: torch.Tensor, target: torch.Tensor, channels: int) -> None:
-    if inputs.dim() != 4:
-        raise ValueError(f"inputs of shape {tuple(inputs.shape)}; expected [B, C, H, W]")
-    b, c, h, w = inputs.shape
-    if attributions.dim() != 4 or attributions.shape[0] != b or attributions.shape[2:] != (h, w):
-        raise ValueError(
-            f"attributions of shape {tuple(attributions.shape)} do not match inputs "
-            f"{tuple(inputs.shape)}; expected [{b}, 1 or C, {h}, {w}]"
-        )
-    if not torch.isfinite(attributions).all():
-        raise ValueError("attributions contain NaN or inf; a ranking needs finite values")
-    if target.shape != (b,):
-        raise ValueError(f"target of shape {tuple(target.shape)}; expected [{b}]")
-    if channels != c:
-        raise ValueError(f"mean and std have {channels} channels but inputs have {c}")
-
-
-def pixel_rank(attributions: torch.Tensor, tie_break: torch.Tensor) -> torch.Tensor:
-    """Rank of each pixel, 0 for the most important: `[B, 1 or C, H, W]` -> `[B, H*W]` int64.
-
-    Pixels are sorted by the attribution summed over channels, descending; equal values keep the order
-    of `tie_break`, a permutation of the `H*W` positions (sorted stably in permuted order, mapped back).
-    """
-    saliency = attributions.sum(dim=1).flatten(1)
-    order = tie_break[torch.sort(saliency[:, tie_break], dim=1, descending=True, stable=True).indices]
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
 
 
 def removal_counts(percentages: Sequence[float], pixels: int) -> list[int]:
@@ -193,7 +165,11 @@ def road(
         tol=tol,
         chunk_size=chunk_size,
     )
-    _check(inputs, attributions, target, len(mean))
+    if inputs.dim() != 4:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)}; expected [B, C, H, W]")
+    check_inputs(inputs, attributions, target)
+    if len(mean) != inputs.shape[1]:
+        raise ValueError(f"mean and std have {len(mean)} channels but inputs have {inputs.shape[1]}")
     if len(std) != len(mean):
         raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
     b, c, h, w = inputs.shape
