@@ -137,7 +137,7 @@ def road(
         noise_std: std of the Gaussian noise added to imputed pixels, in [0, 1] pixel units.
         score: `softmax` (probability of the target), `logit`, or `accuracy` (1 if the top-1 class is
             the target, else 0).
-        tol: stopping tolerance of the linear imputation (see `metrics.imputation.noisy_linear_impute`).
+        tol: the linear imputation's error tolerance (see `metrics.imputation.noisy_linear_impute`).
         chunk_size: (image, order, percentage) items imputed and forwarded together.
 
     Returns:
@@ -191,6 +191,7 @@ def road(
     shift = torch.tensor(mean, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
     scale = torch.tensor(std, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
     pixels = inputs * scale + shift
+    inv_scale, offset = 1 / scale, -shift / scale  # back to the model's inputs in one pass
     layout = torch.channels_last if _channels_last(inputs) else torch.contiguous_format
     removed_count = torch.tensor(counts, device=device)
     morf = torch.tensor([o == "morf" for o in orders], device=device)
@@ -204,7 +205,8 @@ def road(
         removed = torch.where(morf[order, None], rank[img] < k, rank[img] >= h * w - k).view(-1, h, w)
         shared = None if noise is None else noise[order, step]
         filled = impute(pixels[img], removed, shared, method=imputation, tol=tol)
-        logits = model(((filled - shift) / scale).contiguous(memory_format=layout)).float()
+        normed = torch.empty_like(filled, memory_format=layout)
+        logits = model(torch.addcmul(offset, filled, inv_scale, out=normed)).float()
         scores[lo : lo + len(item)] = _score(logits, target[img], score)
 
     scores = scores.view(b, n_orders, n_steps)

@@ -96,12 +96,16 @@ def mask_cases():
 CASES = mask_cases()
 
 
+SOLVERS = ("compiled", "torch")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_linear_fill_equals_direct_solve(name):
+def test_linear_fill_equals_direct_solve(name, solver):
     removed = CASES[name]
     b, h, w = removed.shape
     images = photo_like(b, h, w, seed=3)
-    out = linear_fill(images, removed)
+    out = linear_fill(images, removed, solver=solver)
     for i in range(b):
         expected = direct_fill(images[i].double().numpy(), removed[i].numpy())
         assert np.abs(out[i].double().numpy() - expected).max() <= 1e-4
@@ -109,10 +113,11 @@ def test_linear_fill_equals_direct_solve(name):
     assert torch.equal(out[kept], images[kept])  # bit-exact
 
 
-def test_single_kept_pixel_fills_its_value():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_single_kept_pixel_fills_its_value(solver):
     removed = CASES["single_kept_pixel"]
     images = photo_like(2, 33, 35, seed=4)
-    out = linear_fill(images, removed)
+    out = linear_fill(images, removed, solver=solver)
     torch.testing.assert_close(out[0], images[0, :, 17, 9, None, None].expand(3, 33, 35), atol=1e-4, rtol=0)
 
 
@@ -153,15 +158,52 @@ def test_channel_mean_fill():
     )
 
 
-def test_imputation_is_invariant_to_the_batch():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_imputation_is_invariant_to_the_batch(solver):
     images = photo_like(5, 40, 36, seed=11)
     removed = torch.cat([blob_mask(3, 40, 36, 0.6, seed=12), torch.rand(2, 40, 36) < 0.8])
-    together = linear_fill(images, removed)
+    together = linear_fill(images, removed, solver=solver)
     for i in range(5):
-        alone = linear_fill(images[i : i + 1], removed[i : i + 1])
+        alone = linear_fill(images[i : i + 1], removed[i : i + 1], solver=solver)
         torch.testing.assert_close(alone[0], together[i], rtol=0, atol=1e-6)
-    pairs = torch.cat([linear_fill(images[i : i + 2], removed[i : i + 2]) for i in range(0, 5, 2)])
+    pairs = torch.cat(
+        [linear_fill(images[i : i + 2], removed[i : i + 2], solver=solver) for i in range(0, 5, 2)]
+    )
     torch.testing.assert_close(pairs, together, rtol=0, atol=1e-6)
+
+
+def test_compiled_solver_is_invariant_to_threads_bit_for_bit():
+    images = photo_like(3, 40, 36, seed=17)
+    removed = torch.cat([blob_mask(2, 40, 36, 0.7, seed=18), torch.rand(1, 40, 36) < 0.6])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear_fill(images, removed, solver="compiled")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, linear_fill(images, removed, solver="compiled"))
+    assert torch.equal(one[1:2], linear_fill(images[1:2], removed[1:2], solver="compiled"))
+
+
+def test_solvers_agree_and_add_noise_only_where_removed():
+    images = photo_like(3, 48, 40, seed=19)
+    removed = torch.cat([blob_mask(2, 48, 40, 0.8, seed=20), torch.rand(1, 48, 40) < 0.5])
+    noise = torch.randn(3, 48, 40, generator=torch.Generator().manual_seed(21)) * 0.01
+    out = {s: linear_fill(images, removed, solver=s, noise=noise) for s in SOLVERS}
+    # each is within about tol of the exact fill, so within a few tol of each other
+    torch.testing.assert_close(out["compiled"], out["torch"], rtol=0, atol=1e-4)
+    plain = linear_fill(images, removed, solver="compiled")
+    mask = removed[:, None].expand_as(images)
+    assert torch.equal(out["compiled"][~mask], images[~mask])
+    assert torch.equal(out["compiled"][mask], (plain + noise)[mask])
+
+
+def test_bad_solver_is_an_error():
+    images = photo_like(1, 8, 8, seed=22)
+    with pytest.raises(
+        ValueError, match=re.escape("solver='fast'; expected one of ('auto', 'compiled', 'torch')")
+    ):
+        linear_fill(images, torch.rand(1, 8, 8) < 0.5, solver="fast")
 
 
 def test_every_pixel_removed_is_an_error():
@@ -186,14 +228,15 @@ def test_bad_imputation_arguments():
         noisy_linear_impute(images, removed, tol=0)
 
 
-def test_hitting_max_iter_warns():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_hitting_max_iter_warns(solver):
     images = photo_like(2, 48, 48, seed=15)
     removed = blob_mask(2, 48, 48, 0.8, seed=16)
     with pytest.warns(ImputationWarning, match="did not reach tol=1e-12 in max_iter=2"):
-        noisy_linear_impute(images, removed, noise_std=0.0, tol=1e-12, max_iter=2)
+        linear_fill(images, removed, tol=1e-12, max_iter=2, solver=solver)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        noisy_linear_impute(images, removed, noise_std=0.0)
+        linear_fill(images, removed, solver=solver)
 
 
 # -- ROAD ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 A batch is one chunk of ROAD's default work: 16 (image, order, percentage) items at 224x224, each a
 sample photo with a mask from the 9 percentages and both orders. The masks come from smooth maps (a 7x7
 random grid upsampled bilinearly, like Grad-CAM or RISE: big connected holes, the hard case for the
-solver) or from noisy maps (i.i.d. noise, like saliency). Every timed function synchronises the device.
+solver) or from noisy maps (i.i.d. noise, like saliency), filled by either solver (`compiled`: numba
+loops on the CPU; `torch`: batched tensor operations). Every timed function synchronises the device.
 """
 
 from __future__ import annotations
@@ -45,15 +46,20 @@ def sample_photos(n: int, size: int = 224) -> torch.Tensor:
     return torch.cat([base, base.flip(-1)]).repeat(-(-n // 16), 1, 1, 1)[:n]
 
 
+@pytest.mark.parametrize("solver", ["compiled", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["smooth", "noise"])
-def test_linear_imputation(benchmark, kind, device):
+def test_linear_imputation(benchmark, kind, device, solver):
+    if solver == "compiled" and device != "cpu":
+        pytest.skip("the compiled solver runs on the CPU")
     images = sample_photos(16).to(device)
     removed = road_masks(kind, 16).to(device)
-    benchmark.extra_info.update(machine=machine_id(), device=device, images=16, size=224, masks=kind)
+    benchmark.extra_info.update(
+        machine=machine_id(), device=device, images=16, size=224, masks=kind, solver=solver
+    )
 
     def run():
-        out = linear_fill(images, removed)
+        out = linear_fill(images, removed, solver=solver)
         synchronize(torch.device(device))
         return out
 
