@@ -2,8 +2,8 @@
 
     python -m harness.versus_road [--images 8] [--repeats 3] [--out DIR]
 
-On EfficientNet-Lite0 at 224x224 and the sample photos, with the Grad-CAM maps of the model's top-1
-class, it times:
+On EfficientNet-Lite0 at 224x224 (BatchNorm folded, NHWC: the default comparison's CPU settings) and the
+sample photos, with the Grad-CAM maps of the model's top-1 class, it times:
 
 - `metrics.road` (9 percentages, most- and least-relevant first, noisy linear imputation on the
   device) against its bound: the model's own time for the images it forwards (18 per image), at the
@@ -32,7 +32,7 @@ import torch
 import methods
 import metrics
 from harness.data import photos
-from harness.device import DEFAULT_BATCH_SIZES
+from harness.device import DEFAULT_BATCH_SIZES, fold_batchnorm
 from harness.model_speed import ModelSpeed
 from harness.models import efficientnet_lite0
 from harness.results import atomic_write
@@ -67,7 +67,11 @@ def compare(images: int, repeats: int) -> pd.DataFrame:
     with torch.no_grad():
         target = model(x).argmax(1)
     maps = methods.grad_cam(model, x, target, layer=clf.cam_layer, chunk_size=images)
-    speed = ModelSpeed(model, x, device, torch.contiguous_format)
+    # The model at the default comparison's CPU speed (conf/device/cpu.yaml): BatchNorm folded, NHWC.
+    fold_batchnorm(model, x[:1])
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    speed = ModelSpeed(model, x, device, torch.channels_last)
     speed.calibrate({"forward": DEFAULT_BATCH_SIZES["cpu"]})
     bs = speed.batch_size
 
