@@ -331,17 +331,6 @@ def _solve_coarsest(chol, r, e, h, w, work) -> None:
         e[a // w + 1, a % w + 1] = work[a]
 
 
-class _Grids:
-    """Documentation of the buffers `_solve_plane` hands around (numba passes them one by one).
-
-    `shapes [L, 2]` and `off [L + 1]` locate grid k's bordered plane in the flat buffers `grids[0..6]`:
-    `unknown`, `inv` (the operator, with `sides[k]`), `e` (the V-cycle's iterate), `r` (its right-hand
-    side), `t` (scratch), `kept` (kept pixels under each cell) and `field` (the full-multigrid start's
-    fields); `fields` holds the finest grid's CG vectors, `half` the grid transfers' scratch, `chol` the
-    coarsest grid's factor.
-    """
-
-
 @njit(**_OPTS)
 def _vcycle(r0, z, presmoothed, shapes, off, sides, inv, e, r, t, half, chol, work, scratch):
     """`z = M r0` for the finest grid's residual `r0`, a symmetric V-cycle from zero; returns

@@ -665,7 +665,6 @@ class _Solver:
         group = min(b, b if images.device.type != "cpu" else _CPU_GROUP)
         self.groups = [slice(lo, min(lo + group, b)) for lo in range(0, b, group)]
         self.hier = _Hierarchy(self.unknown, c, group)
-        self.inv_d = 1 / _degree(h, w, images)
         self.scratch = images.new_empty(group, c, h, w)
         self.laplacian = _Residual(group, c, h, w, images)
 
@@ -701,9 +700,6 @@ class _Solver:
             )
             u += plan.pre_smooth(grid.off * _blur(u) - grid.diag * u, _FMG_SWEEPS)
         return _prolong(u, *self.known.shape[-2:]).mul_(self.unknown).mul_(1 / 16)
-
-    def warn(self, estimates: torch.Tensor) -> None:
-        warn_unconverged(estimates, self.tol, self.max_iter)
 
     def precondition(
         self, plans: list[_Plan], views: list[tuple], on: list[bool]
@@ -758,18 +754,17 @@ class _Solver:
         rz = r.new_empty(b, c)
         est = r.new_empty(b, c)
 
-        def start(restart: torch.Tensor) -> None:
-            """P = M r and its r.z where `restart`, from the residual now in `r`."""
+        def start() -> None:
+            """The direction `p = M r`, its `r.z` and error estimate, from the residual now in `r`."""
             for g, z, (_, r_g, p_g, _) in zip(
                 groups, self.precondition(plans, views, everyone), views, strict=True
             ):
                 assert z is not None
-                on = restart[g][..., None, None]
-                p_g.copy_(torch.where(on, z, p_g))
-                rz[g] = torch.where(restart[g], self.dot(r_g, z), rz[g])
-                est[g] = torch.where(restart[g], self.estimate(z), est[g])
+                p_g.copy_(z)
+                rz[g] = self.dot(r_g, z)
+                est[g] = self.estimate(z)
 
-        start(torch.ones_like(est, dtype=torch.bool))
+        start()
         active = est > tol
         fresh = True  # `r` is the true residual
         for _ in range(self.max_iter):
@@ -777,7 +772,7 @@ class _Solver:
                 if fresh:
                     break
                 r.copy_(self.residual(x))  # confirm from the true residual; go on where it disagrees
-                start(torch.ones_like(active))
+                start()
                 active = est > tol
                 fresh = True
                 if not bool(active.any()):
@@ -803,8 +798,8 @@ class _Solver:
         else:
             if not fresh:
                 r.copy_(self.residual(x))
-                start(torch.ones_like(active))
-            self.warn(est)
+                start()
+            warn_unconverged(est, tol, self.max_iter)
         return x.add_(self.known)
 
 
