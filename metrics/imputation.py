@@ -227,7 +227,7 @@ def _compiled_fill(
         raise ValueError(f"solver='compiled' runs on the CPU; images are on {images.device}")
     from metrics import _linear_cpu  # numba, imported on first use
 
-    planes = images.detach().to(torch.float32).contiguous().clone()
+    planes = torch.empty(images.shape, dtype=torch.float32).copy_(images.detach())  # filled in place
     if noise is not None:
         noise = noise.detach().to(torch.float32).expand_as(planes).contiguous()
     estimates = _linear_cpu.fill(

@@ -187,22 +187,23 @@ def road(
     if noise_std > 0:
         noise = torch.randn(n_orders, n_steps, c, h, w, device=device, dtype=inputs.dtype) * noise_std
 
+    # Per order, a key of each pixel that is below k exactly for the k pixels that order removes first:
+    # the rank for MoRF, the rank from the bottom for LeRF (int32: half the bytes to gather per item).
     rank = pixel_rank(attributions, tie_break)
+    keys = torch.stack([rank if o == "morf" else h * w - 1 - rank for o in orders]).to(torch.int32)
     shift = torch.tensor(mean, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
     scale = torch.tensor(std, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
-    pixels = inputs * scale + shift
+    pixels = (inputs * scale + shift).contiguous()  # planes, as the imputation reads them
     inv_scale, offset = 1 / scale, -shift / scale  # back to the model's inputs in one pass
     layout = torch.channels_last if _channels_last(inputs) else torch.contiguous_format
-    removed_count = torch.tensor(counts, device=device)
-    morf = torch.tensor([o == "morf" for o in orders], device=device)
+    removed_count = torch.tensor(counts, device=device, dtype=torch.int32)
 
     items = b * n_orders * n_steps
     scores = torch.empty(items, device=device)
     for lo in range(0, items, chunk_size):
         item = torch.arange(lo, min(lo + chunk_size, items), device=device)
         img, order, step = item // (n_orders * n_steps), item // n_steps % n_orders, item % n_steps
-        k = removed_count[step, None]
-        removed = torch.where(morf[order, None], rank[img] < k, rank[img] >= h * w - k).view(-1, h, w)
+        removed = (keys[order, img] < removed_count[step, None]).view(-1, h, w)
         shared = None if noise is None else noise[order, step]
         filled = impute(pixels[img], removed, shared, method=imputation, tol=tol)
         normed = torch.empty_like(filled, memory_format=layout)
