@@ -75,12 +75,17 @@ def assert_same_aucs(a: pd.DataFrame, b: pd.DataFrame) -> None:
     "launcher", [["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], ["hydra/launcher=submitit_local"]]
 )
 def test_launchers_give_the_rows_of_the_basic_launcher(basic, tmp_path, launcher):
+    """Seed 0's half of the sweep (4 jobs): submitit's local executor starts every job's process at
+    once, and 8 of them, each with torch's threads, took 3 minutes of this 2-core machine.
+    """
     sweep = tmp_path / "sweep"
-    r = harness(*SWEEP, *launcher, f"hydra.sweep.dir={sweep}")
+    seed0 = ["seed=0" if a == "seed=0,1" else a for a in SWEEP]
+    r = harness(*seed0, *launcher, f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     rows = by_job(sweep)  # written by the report callback at the end of the sweep
-    assert len(rows) == JOBS and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
-    assert_same_aucs(rows, by_job(basic))
+    assert len(rows) == JOBS // 2 and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
+    expected = by_job(basic)
+    assert_same_aucs(rows, expected[expected.index.get_level_values("seed") == 0])
 
 
 @pytest.mark.parametrize("method", ["smoothgrad", "rise"])
