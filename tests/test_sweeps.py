@@ -30,6 +30,7 @@ SWEEP = [
     "data.num_images=3", "timing.profile=false",
 ]  # fmt: skip
 JOBS = 8
+SEED0 = ["seed=0" if a == "seed=0,1" else a for a in SWEEP]  # half the sweep, where the whole is not needed
 AUCS = ["deletion_auc", "insertion_auc", "road_morf_auc", "road_lerf_auc", "sparseness"]
 pytestmark = pytest.mark.slow
 
@@ -79,8 +80,7 @@ def test_launchers_give_the_rows_of_the_basic_launcher(basic, tmp_path, launcher
     once, and 8 of them, each with torch's threads, took 3 minutes of this 2-core machine.
     """
     sweep = tmp_path / "sweep"
-    seed0 = ["seed=0" if a == "seed=0,1" else a for a in SWEEP]
-    r = harness(*seed0, *launcher, f"hydra.sweep.dir={sweep}")
+    r = harness(*SEED0, *launcher, f"hydra.sweep.dir={sweep}")
     assert r.returncode == 0, r.stderr
     rows = by_job(sweep)  # written by the report callback at the end of the sweep
     assert len(rows) == JOBS // 2 and (sweep / "summary.md").is_file() and (sweep / "curves.png").is_file()
@@ -228,13 +228,13 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
     # New metric settings: the same AUCs as a sweep that computes the maps again with them.
     changed = ["metric=[deletion]", "metric.deletion.steps=7", "metric.deletion.substrate=mean"]
     again = tmp_path / "again"
-    r = harness(*SWEEP, *changed, "phase=evaluate", f"maps_from={basic}", f"hydra.sweep.dir={again}")
+    r = harness(*SEED0, *changed, "phase=evaluate", f"maps_from={basic}", f"hydra.sweep.dir={again}")
     assert r.returncode == 0, r.stderr
     fresh = tmp_path / "fresh"
-    r = harness(*SWEEP, *changed, f"hydra.sweep.dir={fresh}")
+    r = harness(*SEED0, *changed, f"hydra.sweep.dir={fresh}")
     assert r.returncode == 0, r.stderr
     a, b = by_job(again), by_job(fresh)
-    assert (a["deletion.steps"] == 7).all()
+    assert len(a) == JOBS // 2 and (a["deletion.steps"] == 7).all()
     assert (a["deletion_auc"] - b["deletion_auc"]).abs().max() <= 1e-6
 
 
