@@ -161,6 +161,15 @@ class SpeedOptions:
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
         torch.backends.cudnn.allow_tf32 = self.tf32
 
+    def prepare(self, module: nn.Module, sample: torch.Tensor) -> int:
+        """Put `module` (in place) in the chosen memory format and, when set, fold its BatchNorms,
+        checked on `sample` (a few of its inputs); returns how many were folded.
+        """
+        module.to(memory_format=self.memory_format)
+        if not self.fold_batchnorm:
+            return 0
+        return fold_batchnorm(module, sample.contiguous(memory_format=self.memory_format))
+
     def compiled(self, module: nn.Module) -> nn.Module:
         """The module compiled in the chosen mode (sharing its parameters), or itself when eager."""
         if self.compile is None:

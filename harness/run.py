@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.calibration import Calibration, calibrate, settings
 from harness.data import Images
-from harness.device import SpeedOptions, available_memory, fold_batchnorm, job_device, resolve_device
+from harness.device import SpeedOptions, available_memory, job_device, resolve_device
 from harness.errors import HarnessError
 from harness.measured import Measured, TimingSettings, kernels_table, measure_call
 from harness.model_speed import ModelSpeed
@@ -125,11 +125,7 @@ def build(
     with clock("build"):
         clf: Classifier = instantiate(cfg.model)
         data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
-        clf.module.to(device).to(memory_format=options.memory_format)
-        folded = 0
-        if options.fold_batchnorm:
-            sample = data.images[:2].to(device).contiguous(memory_format=options.memory_format)
-            folded = fold_batchnorm(clf.module, sample)
+        folded = options.prepare(clf.module.to(device), data.images[:2].to(device))
         model = options.compiled(clf.module)
     # Only jobs whose method backpropagates (or whose metrics re-run it) time forward+backward passes.
     backprop = not _forward_only(cfg, traits) or (

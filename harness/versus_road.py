@@ -2,8 +2,9 @@
 
     python -m harness.versus_road [--images 8] [--repeats 3] [--out DIR]
 
-On EfficientNet-Lite0 at 224x224 (BatchNorm folded, NHWC: the default comparison's CPU settings) and the
-sample photos, with the Grad-CAM maps of the model's top-1 class, it times:
+On EfficientNet-Lite0 at 224x224, run with the default comparison's CPU speed settings
+(`conf/device/cpu.yaml`: BatchNorm folded, NHWC), and the sample photos, with the Grad-CAM maps of the
+model's top-1 class, it times:
 
 - `metrics.road` (9 percentages, most- and least-relevant first, noisy linear imputation on the
   device) against its bound: the model's own time for the images it forwards (18 per image), at the
@@ -13,9 +14,10 @@ sample photos, with the Grad-CAM maps of the model's top-1 class, it times:
   on the same maps, per forwarded image and per image, alternating with ours.
 
 pytorch-grad-cam is not a dependency of the harness: install it where this module can import it only
-for this measurement (e.g. `pip install --target DIR grad-cam ttach opencv-python-headless` and
-`PYTHONPATH=DIR`). Every figure is the best of `--repeats` calls: on a shared machine interference
-only ever adds time. It writes `versus_road.csv` and `versus_road.md` into `--out` when given.
+for this measurement, beside the project's torch (`pip install --target DIR --no-deps` and the
+packages of `GRAD_CAM_PACKAGES`, then `PYTHONPATH=DIR`). Every figure is the best of `--repeats`
+calls: on a shared machine interference only ever adds time. It writes `versus_road.csv` and
+`versus_road.md` into `--out` when given.
 """
 
 from __future__ import annotations
@@ -28,28 +30,32 @@ from typing import Any
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 import methods
 import metrics
 from harness.data import photos
-from harness.device import DEFAULT_BATCH_SIZES, fold_batchnorm
+from harness.device import DEFAULT_BATCH_SIZES, SpeedOptions
 from harness.model_speed import ModelSpeed
 from harness.models import efficientnet_lite0
 from harness.results import atomic_write
+from harness.rows import REPO
 from harness.timing import count_forwards, machine_id, measure
 
 log = logging.getLogger("harness")
 PERCENTAGES = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+# What pytorch-grad-cam 1.5.7's ROAD imports beyond this project's own dependencies.
+GRAD_CAM_PACKAGES = "grad-cam ttach opencv-python-headless scikit-learn threadpoolctl joblib narwhals"
 
 
 def _grad_cam_road() -> Any:
     try:
         from pytorch_grad_cam.metrics.road import ROADCombined
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
-    except ImportError:
+    except ImportError as e:
         print(
-            "error: pytorch-grad-cam is not importable; install it for this measurement only, e.g.\n"
-            "  pip install --target /tmp/gradcam grad-cam ttach opencv-python-headless --no-deps\n"
+            f"error: pytorch-grad-cam is not importable ({e}); install it for this measurement only, e.g.\n"
+            f"  pip install --target /tmp/gradcam --no-deps {GRAD_CAM_PACKAGES}\n"
             "  PYTHONPATH=/tmp/gradcam python -m harness.versus_road",
             file=sys.stderr,
         )
@@ -67,11 +73,11 @@ def compare(images: int, repeats: int) -> pd.DataFrame:
     with torch.no_grad():
         target = model(x).argmax(1)
     maps = methods.grad_cam(model, x, target, layer=clf.cam_layer, chunk_size=images)
-    # The model at the default comparison's CPU speed (conf/device/cpu.yaml): BatchNorm folded, NHWC.
-    fold_batchnorm(model, x[:1])
-    model = model.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-    speed = ModelSpeed(model, x, device, torch.channels_last)
+    # The model at the default comparison's CPU speed settings (conf/device/cpu.yaml).
+    options = SpeedOptions.from_config(OmegaConf.load(REPO / "conf" / "device" / "cpu.yaml"))
+    options.prepare(model, x[:1])
+    x = x.contiguous(memory_format=options.memory_format)
+    speed = ModelSpeed(model, x, device, options.memory_format)
     speed.calibrate({"forward": DEFAULT_BATCH_SIZES["cpu"]})
     bs = speed.batch_size
 
