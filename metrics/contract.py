@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 import torch
 
 Better = Literal["higher", "lower"]
-NEEDS = ("explain", "ground_truth", "normalization")
+NEEDS = ("explain", "explain_with", "trained", "ground_truth", "normalization")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -47,10 +47,13 @@ class Result:
     Attributes:
         values: per-image values `[B]` by key; the metric's traits give each key's direction.
         curves: curves by key (`""` for the metric's only curve), for the tables and plots.
+        arrays: per-image arrays `[B, ...]` by key for the figures (the sanity checks' maps of the
+            randomised models), saved with the job's maps as `<metric>_<key>`.
     """
 
     values: dict[str, torch.Tensor]
     curves: dict[str, Curve] = field(default_factory=dict)
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,10 @@ class MetricTraits:
         better: direction of each value key the metric can return.
         needs: what the job must pass besides (model, inputs, attributions, target): `explain`, a
             callable `(inputs [N, C, H, W], target [N]) -> maps [N, 1 or C, H, W]` that re-runs the
-            method; `ground_truth`; `normalization`, the model's `mean` and `std` per channel (tuples)
-            that map [0, 1] pixels to its inputs.
+            method; `explain_with`, the same with the model to run as first argument; `trained`, the
+            model as loaded (eager, fp32, before speed options), which the metric must not modify;
+            `ground_truth` (`metrics.localisation.GroundTruth` of the images); `normalization`, the
+            model's `mean` and `std` per channel (tuples) that map [0, 1] pixels to its inputs.
         check: raises `ValueError` naming a bad parameter value and what is allowed; called with the
             metric's keyword parameters before any model work (and by the metric itself).
     """
