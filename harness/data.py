@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from metrics.localisation import GroundTruth
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -27,12 +31,17 @@ class Images:
         labels: `[N]` int64 class index, -1 where no class fits.
         ids: one name per image.
         name: config name of the data, the value of `data` in the results row.
+        ground_truth: the evidence of each image's class (object masks and boxes), where known.
+        class_names: the data's own class names, where its labels are not the model's (None: the
+            labels index the model's classes).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     ids: list[str]
     name: str
+    ground_truth: GroundTruth | None = None
+    class_names: list[str] | None = None
 
 
 def _to_model_input(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -106,6 +115,7 @@ def image_folder(
     mean: Sequence[float],
     std: Sequence[float],
     num_images: int | None = None,
+    boxes: str | None = None,
 ) -> Images:
     """Images in `root/<class>/<file>`, the ImageNet validation layout.
 
@@ -119,6 +129,8 @@ def image_folder(
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
         num_images: take the first this many; None takes all.
+        boxes: the objects' bounding boxes, the images' ground truth (`harness.boxes`): a folder of
+            Pascal VOC XML files or a CSV file (path, class, xmin, ymin, xmax, ymax); None: none.
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -134,13 +146,24 @@ def image_folder(
         if num_images < 1:
             raise ValueError(f"data.num_images={num_images} must be at least 1")
         files = files[:num_images]
-    tensors = []
+    ids = [f"{f.parent.name}/{f.name}" for f in files]
+    table = None
+    if boxes is not None:
+        from harness.boxes import read_boxes
+
+        table = read_boxes(boxes, base, ids)  # checked before any image is decoded
+    tensors, sides = [], []
     for f in files:
         try:
             with Image.open(f) as im:
+                sides.append(im.size)
                 tensors.append(_to_model_input(np.asarray(im.convert("RGB")), size, mean, std))
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"cannot read image {str(f)!r}: {e}") from e
     labels = torch.tensor([index[f.parent.name] for f in files], dtype=torch.int64)
-    ids = [f"{f.parent.name}/{f.name}" for f in files]
-    return Images(torch.stack(tensors), labels, ids, "image_folder")
+    truth = None
+    if table is not None:
+        from harness.boxes import ground_truth
+
+        truth = ground_truth(table, ids, sides, size, boxes or "")
+    return Images(torch.stack(tensors), labels, ids, "image_folder", ground_truth=truth)

