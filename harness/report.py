@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from harness.results import atomic_write, load_rows, metric_names, read_maps, value_fields  # noqa: E402
+from harness.sanity_report import write_sanity  # noqa: E402
 from harness.speed_report import save_figure, write_timing  # noqa: E402
 
 log = logging.getLogger("harness.report")
@@ -155,7 +156,9 @@ def _display(a: torch.Tensor) -> tuple[torch.Tensor, str, float]:
 
 
 def plot_grid(rows: pd.DataFrame, path: Path) -> None:
-    """Images (rows) by methods (columns), each map over its image (signed maps: red +, blue -)."""
+    """Images (rows) by methods (columns), each map over its image (signed maps: red +, blue -), the
+    object's mask outlined in green where the data knows it.
+    """
     jobs = [read_maps(Path(d)) for d in rows["job_dir"]]
     n = len(jobs[0]["ids"])
     fig, axes = plt.subplots(n, len(jobs) + 1, figsize=(1.6 * (len(jobs) + 1), 1.6 * n), squeeze=False)
@@ -168,6 +171,8 @@ def plot_grid(rows: pd.DataFrame, path: Path) -> None:
             a, cmap, vmin = _display(torch.from_numpy(job["maps"][i]).float().sum(dim=0))
             axes[i, j].imshow(grey, cmap="gray")
             axes[i, j].imshow(a.numpy(), cmap=cmap, vmin=vmin, vmax=1, alpha=0.6)
+            if "truth_mask" in job:  # the known evidence, outlined
+                axes[i, j].contour(job["truth_mask"][i], levels=[0.5], colors="lime", linewidths=0.6)
             if i == 0:
                 axes[i, j].set_title(method, fontsize=7)
     for ax in axes.flat:
@@ -212,6 +217,7 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
             plot_grid(per_device.drop_duplicates("method"), out / f"grid_{model}_{data}{suffix}.png")
     if "method_bound_ratio" in rows.columns:
         write_timing(rows, out)
+    write_sanity(rows, out)
     # Last: a summary.csv newer than every job means the whole report is (harness.app.report_is_current).
     atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
     log.info("report of %d jobs written to %s", len(rows), out)

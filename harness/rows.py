@@ -61,7 +61,9 @@ def job_fields(
         "model": job.classifier.name,
         "pretrained": job.classifier.pretrained,
         "model_seed": job.classifier.seed,
+        **{f"model_{k}": v for k, v in job.classifier.facts.items()},
         "data": job.data.name,
+        "ground_truth": job.data.ground_truth is not None,
         "method": job.method_name,
         "device": job.device.type,
         "device_config": cfg.device.name,
@@ -211,13 +213,20 @@ def maps_arrays(
 ) -> dict[str, np.ndarray]:
     """What `attributions.npz` holds: the maps as the method returned them (`[B, 1 or C, H, W]`,
     float32) when `full`, else summed over channels in float16 for display only; the image ids,
-    labels, targets and their names; the images as displayed (uint8); the method and its settings.
+    labels, targets and their names; the images as displayed (uint8); the method and its settings;
+    the ground truth's masks and boxes (`truth_mask`, `truth_box`, `[N, H, W]` bool) where the data has it.
     """
     mean = torch.tensor(job.classifier.mean)[:, None, None]
     std = torch.tensor(job.classifier.std)[:, None, None]
     pixels = (job.data.images * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
     kept = maps.float() if full else maps.sum(dim=1, keepdim=True).half()
-    return {
+    truth = job.data.ground_truth
+    known = (
+        {}
+        if truth is None
+        else {"truth_mask": truth.mask.cpu().numpy(), "truth_box": truth.box.cpu().numpy()}
+    )
+    return known | {
         "maps": kept.cpu().numpy(),
         "full": np.array(full),
         "ids": np.array(job.data.ids, dtype=str),

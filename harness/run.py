@@ -6,6 +6,7 @@ maps), scores, times and writes the job's results.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from functools import cache
@@ -55,8 +56,10 @@ class Job:
     """Everything a job needs, built from its config.
 
     `model` is what methods and metrics call: the classifier's module, compiled when the device
-    config asks for it (`classifier.module` stays eager). `clock` started with the job and collects
-    where its time goes besides the calls (build, calibration, warm-ups, bound loops, profiles).
+    config asks for it (`classifier.module` stays eager); `trained` is a copy of the module as loaded
+    (before speed options), kept only for metrics that declare they need it. `clock` started with the
+    job and collects where its time goes besides the calls (build, calibration, warm-ups, bound
+    loops, profiles).
     """
 
     cfg: DictConfig
@@ -76,6 +79,7 @@ class Job:
     timing: TimingSettings
     clock: Stopwatch
     progress: Progress
+    trained: torch.nn.Module | None = None
 
 
 def _function_name(node: DictConfig) -> str:
@@ -125,11 +129,15 @@ def build(
     with clock("build"):
         clf: Classifier = instantiate(cfg.model)
         data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
+        _check_model_and_data(cfg, metric_fns, traits, name, clf, data)
+        needs = {n for f in metric_fns.values() for n in metric_traits(f).needs}
+        trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
         folded = options.prepare(clf.module.to(device), data.images[:2].to(device))
         model = options.compiled(clf.module)
     # Only jobs whose method backpropagates (or whose metrics re-run it) time forward+backward passes.
     backprop = not _forward_only(cfg, traits) or (
-        not traits.forward_only and any("explain" in metric_traits(f).needs for f in metric_fns.values())
+        not traits.forward_only
+        and any({"explain", "explain_with"} & metric_traits(f).needs for f in metric_fns.values())
     )
     kinds = ["forward"] + (["forward_backward"] if backprop else [])
     speed = ModelSpeed(model, data.images, device, options.memory_format)
@@ -144,8 +152,44 @@ def build(
     declared = {m: metric_traits(f) for m, f in metrics.items()}
     return Job(
         cfg, device, options, clf, model, data, name, method, traits, metrics, declared, speed, calibration,
-        folded, timing, clock, progress,
+        folded, timing, clock, progress, trained,
     )  # fmt: skip
+
+
+def _check_model_and_data(
+    cfg: DictConfig,
+    metric_fns: dict[str, Any],
+    traits: MethodTraits,
+    method: str,
+    clf: Classifier,
+    data: Images,
+) -> None:
+    """What needs the model and the data but no model pass: ground truth where a metric or the
+    method needs it, and the blocks a sanity check re-initialises.
+    """
+    from metrics.sanity import blocks_modules
+
+    for name, fn in metric_fns.items():
+        needs = metric_traits(fn).needs
+        if "ground_truth" in needs and data.ground_truth is None:
+            raise HarnessError(
+                f"metric {name} needs ground truth (object masks or boxes), which data {data.name} does "
+                "not have; use data=shapes, or image_folder with data.boxes=<VOC folder or CSV file>"
+            )
+        if "trained" in needs and "blocks" in fn.keywords:
+            try:
+                blocks_modules(clf.module, fn.keywords["blocks"])
+            except ValueError as e:
+                raise HarnessError(f"metric.{name}: {e} (model {clf.name})") from None
+    if traits.ground_truth:
+        if data.ground_truth is None:
+            raise HarnessError(f"method {method} needs ground truth, which data {data.name} does not have")
+        rerun = [n for n, f in metric_fns.items() if {"explain", "explain_with"} & metric_traits(f).needs]
+        if rerun:
+            raise HarnessError(
+                f"method {method} draws its maps from the ground truth of the job's images, so metric "
+                f"{rerun[0]} cannot re-run it on other inputs or models; leave {rerun[0]} out"
+            )
 
 
 def _method_traits(method: Any, name: str) -> MethodTraits:
@@ -168,7 +212,7 @@ def _metric_functions(cfg: DictConfig) -> dict[str, Any]:
             traits = metric_traits(fn)
         except TypeError as e:
             raise HarnessError(f"metric {name}: {e}") from None
-        if "explain" in traits.needs and cfg.get("phase") == "evaluate":
+        if {"explain", "explain_with"} & traits.needs and cfg.get("phase") == "evaluate":
             raise HarnessError(
                 f"metric {name} re-runs the method, which phase=evaluate does not run; use phase=all"
             )
@@ -216,13 +260,14 @@ def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Te
 
 def explain_key(cfg: DictConfig, device: torch.device) -> str:
     """Hash of what determines a job's maps: the model, data and method settings (less the chunk
-    size, which changes no answer), the seed, the device type and the precision. `phase=evaluate`
-    finds the maps saved by an earlier sweep through it.
+    size and the model's `blocks`, which change no map), the seed, the device type and the
+    precision. `phase=evaluate` finds the maps saved by an earlier sweep through it.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     method = {k: v for k, v in plain["method"].items() if k != "chunk_size"}
-    what = {"model": plain["model"], "data": plain["data"], "method": method, "seed": plain["seed"]}
+    model = {k: v for k, v in plain["model"].items() if k != "blocks"}  # the sanity checks' stages
+    what = {"model": model, "data": plain["data"], "method": method, "seed": plain["seed"]}
     return digest(what | {"device": device.type, "precision": plain["device"]["precision"]})
 
 
@@ -334,6 +379,9 @@ def _run(
         curves_df, scores_df = tables(job, results, target, probs)
         files_ = {"curves.csv": curves_df, "scores.csv": scores_df, "kernels.csv": kernels_table(measured)}
         arrays = source[2] if source is not None else maps_arrays(job, maps, target, key, bool(cfg.save_maps))
+        arrays = arrays | {
+            field_name(name, k): v.cpu().numpy() for name, r in results.items() for k, v in r.arrays.items()
+        }
         files = write_files(out, files_, arrays)
     row |= breakdown(job.clock, row)
     write_row(out, row, files)
@@ -358,12 +406,16 @@ def _score(
         extra |= {"mean": tuple(job.classifier.mean), "std": tuple(job.classifier.std)}
     if "explain" in needs:
         extra["explain"], model = _explainer(job)
-    if "ground_truth" in needs:
-        raise HarnessError(f"metric {name} needs ground truth, which data {job.data.name} does not have")
+    if "explain_with" in needs:
+        extra["explain_with"] = _explainer_with(job)
+    if "trained" in needs:
+        extra["trained"] = job.trained
+    truth = _ground_truth(job) if "ground_truth" in needs else None
 
     def score(rows: slice, chunk: int | None) -> Result:
         seed_all(seed)  # random draws (substrates, perturbations, imputation noise) the same on every call
-        return metric(model, x[rows], maps[rows], target[rows], chunk_size=chunk, **extra)
+        more = {} if truth is None else {"ground_truth": truth[rows]}
+        return metric(model, x[rows], maps[rows], target[rows], chunk_size=chunk, **extra, **more)
 
     with job.options.autocast(job.device):
         measured[name] = _measure(job, model, score, metric.keywords["chunk_size"], f"metric {name}")
@@ -385,6 +437,36 @@ def _explainer(job: Job) -> tuple[Any, torch.nn.Module]:
         return job.method(model, inputs, target).detach()
 
     return explain, model
+
+
+def _explainer_with(job: Job) -> Any:
+    """The job's method as `explain_with(model, inputs, target) -> maps` on a model of the metric's
+    (a randomised copy): prepared with the job's speed options (memory format, BatchNorm folding:
+    the same function), eager, seeded like every call. While the method runs, the model carries
+    the forward pre-hooks that the timing put on the job's model, so that its passes are counted
+    (the row's forwards and bound) and a warm-up or profile stops after the first ones, as on the
+    job's model.
+    """
+    seed = int(job.cfg.seed)
+
+    def explain_with(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        job.options.prepare(model, inputs[:2])
+        handles = [model.register_forward_pre_hook(h) for h in list(job.model._forward_pre_hooks.values())]
+        try:
+            seed_all(seed)
+            return job.method(model, inputs, target).detach()
+        finally:
+            for h in handles:
+                h.remove()
+
+    return explain_with
+
+
+def _ground_truth(job: Job) -> Any:
+    truth = job.data.ground_truth
+    if truth is None:  # checked in build(); kept for callers that build a Job by hand
+        raise HarnessError(f"data {job.data.name} has no ground truth")
+    return truth.to(job.device)
 
 
 def _measure(job: Job, model: torch.nn.Module, call: Any, chunk: int | None, what: str) -> Measured:
@@ -410,9 +492,13 @@ def _attribute(
     method_model = job.classifier.module if job.method_traits.eager_only else job.model
     seed = int(job.cfg.seed)
 
+    truth = _ground_truth(job) if job.method_traits.ground_truth else None
+
     def attribute(rows: slice, chunk: int | None) -> torch.Tensor:
         seed_all(seed)  # stochastic methods: the same draws on every call
         sizes = {} if chunk is None else {"chunk_size": chunk}
+        if truth is not None:
+            sizes["ground_truth"] = truth[rows]
         return job.method(method_model, x[rows], target[rows], **sizes)
 
     chunk = job.method.keywords.get("chunk_size")

@@ -34,14 +34,28 @@ def test_every_group_has_options():
         assert options(group), group
 
 
+# shapes_cnn trains on the generated shapes: here a tiny schedule, cached in the test's folder.
+TINY_SHAPES = [
+    "data=shapes",
+    "model.train_images=64",
+    "model.val_images=32",
+    "model.epochs=1",
+    "model.min_accuracy=0",
+]
+
+
 @pytest.mark.parametrize("name", options("model"))
-def test_model_options_instantiate(name):
-    cfg = cfg_with(f"model={name}")
+def test_model_options_instantiate(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
+    cfg = cfg_with(f"model={name}", *(TINY_SHAPES if name == "shapes_cnn" else []))
     clf = instantiate(cfg.model)
     assert clf.name == name  # naming rule: config stem == value in the row
     assert not clf.module.training
-    assert clf.pretrained == (name == "efficientnet_lite0")
+    assert clf.pretrained == (name in ("efficientnet_lite0", "shapes_cnn"))
     clf.module.get_submodule(clf.cam_layer)
+    from metrics.sanity import blocks_modules
+
+    assert len(blocks_modules(clf.module, clf.blocks)) == len(cfg.model.blocks) >= 3  # names that exist
     with torch.no_grad():
         logits = clf.module(torch.zeros(1, 3, clf.input_size, clf.input_size))
     assert logits.shape == (1, len(clf.class_names))
@@ -110,5 +124,23 @@ def test_default_comparison_sweeps_every_method():
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
-    assert sorted(cfg.hydra.sweeper.params.method.split(",")) == options("method")
+    every = [
+        m
+        for m in options("method")
+        if not traits_of(instantiate(cfg_with(f"method={m}").method)).ground_truth
+    ]
+    assert (
+        sorted(cfg.hydra.sweeper.params.method.split(","))
+        == every
+        == sorted(set(options("method")) - {"oracle"})
+    )
     assert cfg.model._target_.endswith("efficientnet_lite0") and cfg.data._target_.endswith("photos")
+
+
+def test_an_experiments_sweep_overrides_the_default_one():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        truth = compose("config", ["experiment=ground_truth"], return_hydra_config=True)
+        speed = compose("config", ["experiment=speed"], return_hydra_config=True)
+    methods = truth.hydra.sweeper.params.method.split(",")
+    assert methods[0] == "oracle" and sorted(methods) == options("method")
+    assert speed.hydra.sweeper.params.method == "saliency,integrated_gradients,occlusion,grad_cam"

@@ -207,7 +207,10 @@ def test_single_run_with_image_folder(tmp_path):
         (["method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
         (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
         (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, efficientnet_lite0,"),
-        (["metric=[deletions]"], "unknown metric 'deletions'; available: complexity, deletion, infidelity,"),
+        (
+            ["metric=[deletions]"],
+            "unknown metric 'deletions'; available: complexity, deletion, energy_pointing_game, infidelity,",
+        ),
         (["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
         (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
         (["method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
@@ -223,6 +226,21 @@ def test_single_run_with_image_folder(tmp_path):
         (["metric.road.imputation=gain"], "metric.road: imputation='gain'; expected one of ('linear',"),
         (["metric.road.noise_std=-0.1"], "metric.road: noise_std=-0.1; expected a finite number >= 0"),
         (["+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
+        (["method=saliency", "metric=[pointing_game]"], "metric pointing_game needs ground truth"),
+        (["method=oracle", "metric=[deletion]"], "method oracle needs ground truth, which data photos"),
+        (
+            [
+                "method=saliency",
+                "metric=[model_randomisation]",
+                "metric.model_randomisation.blocks=[features.0,layer9]",
+            ],
+            "metric.model_randomisation: block 'layer9' is not a module of the model; "
+            "its top-level modules: features,",
+        ),
+        (
+            ["method=saliency", "metric=[model_randomisation]", "metric.model_randomisation.blocks=[]"],
+            "metric.model_randomisation: blocks=[]; expected a non-empty list",
+        ),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_message_and_no_results(tmp_path, overrides, message):
@@ -238,6 +256,39 @@ def test_bad_input_exits_nonzero_with_one_message_and_no_results(tmp_path, overr
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert result_files(tmp_path) == []
+
+
+def _boxed_folder(tmp_path: Path, rows: list[str]) -> Path:
+    from PIL import Image
+
+    (tmp_path / "data" / "0").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (250, 20, 20)).save(tmp_path / "data" / "0" / "x.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,class,xmin,ymin,xmax,ymax\n" + "\n".join(rows) + "\n")
+    return boxes
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            ["0/x.png,0,5,5,41,20"],
+            "box (xmin 5, ymin 5, xmax 41, ymax 20) of '0/x.png' lies outside the image (40x30;",
+        ),
+        (["0/x.png,0,5,5,20,20", "0/y.png,0,1,1,2,2"], "line 3: image '0/y.png' is not in data.root"),
+    ],
+)
+def test_bad_boxes_exit_nonzero_with_one_message_and_no_results(tmp_path, rows, message):
+    boxes = _boxed_folder(tmp_path, rows)
+    r = harness(
+        "-m", "model=small_cnn", "device=cpu", "method=saliency", "metric=[relevance_mass]",
+        "data=image_folder",
+        f"data.root={tmp_path / 'data'}", f"data.boxes={boxes}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert result_files(tmp_path / "sweep") == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

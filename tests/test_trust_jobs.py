@@ -1,0 +1,63 @@
+"""End to end: sweeps scored by the sanity checks, and by localisation on the generated shapes with the
+model the harness trains on them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_run import harness
+
+TINY_SHAPES = [
+    "model=shapes_cnn", "data=shapes", "data.num_images=8", "model.input_size=32", "model.width=8",
+    "model.train_images=256", "model.val_images=64", "model.epochs=1", "model.min_accuracy=0",
+]  # fmt: skip
+LOCALISATION = ["pointing_game", "energy_pointing_game", "relevance_mass", "relevance_rank"]
+
+
+@pytest.mark.slow
+def test_localisation_sweep_on_shapes_with_a_trained_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep"
+    r = harness(
+        "-m", *TINY_SHAPES, "method=oracle,saliency", f"metric=[{','.join(LOCALISATION)},deletion]",
+        "device=cpu", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("shapes_cnn: training on 256 generated images") == 1  # once, then cached
+    rows = pd.read_csv(sweep / "summary.csv").set_index("method")
+    for m in LOCALISATION:
+        assert rows.loc["oracle", m] == 1.0 and rows.loc["oracle", f"{m}_better"] == "higher"
+        assert rows.loc["saliency", m] < 1.0
+    assert rows["model_held_out_accuracy"].nunique() == 1 and rows["ground_truth"].all()
+    job = next(sweep.glob("*method=oracle*"))
+    arrays = np.load(job / "attributions.npz")
+    assert np.array_equal(arrays["maps"][:, 0] > 0, arrays["truth_mask"])
+    assert (sweep / "grid_shapes_cnn_shapes.png").is_file()
+
+
+@pytest.mark.slow
+def test_sanity_sweep_writes_similarities_curves_and_figures(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = harness(
+        "-m", "model=small_cnn", "method=saliency,random", "metric=[model_randomisation,random_logit]",
+        "data.num_images=2", "device=cpu", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_csv(sweep / "summary.csv").set_index("method")
+    for f in ("model_randomisation_spearman_abs", "model_randomisation_ssim", "random_logit_spearman"):
+        assert rows.loc["random", f] == pytest.approx(1.0)  # a map that ignores the model
+        assert rows.loc["saliency", f] < 1.0 and rows.loc["saliency", f"{f}_better"] == "lower"
+    # One method call per block, each counted on the randomised copy: saliency's one backward per image.
+    assert rows.loc["saliency", "model_randomisation_backwards_per_image"] == 3
+    assert rows.loc["saliency", "random_logit_backwards_per_image"] == 1
+    job = next(sweep.glob("*method=saliency*"))
+    row = json.loads((job / "run.json").read_text())
+    assert row["model_randomisation.blocks"] == ["features.0", "features.3", "classifier"]
+    curves = pd.read_csv(job / "curves.csv")
+    assert curves[curves.metric == "model_randomisation_ssim"]["point"].max() == 3
+    assert np.load(job / "attributions.npz")["model_randomisation_maps"].shape == (2, 3, 32, 32)
+    assert (sweep / "sanity_curves_small_cnn_photos.png").is_file()
+    assert len(list(sweep.glob("sanity_maps_small_cnn_photos_*.png"))) == 2
