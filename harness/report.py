@@ -2,11 +2,13 @@
 
     python -m harness.report <sweep folder> [<sweep folder> ...] [--out <folder>]
 
-writes `summary.csv` (one row per job), `summary.md` and the plots `curves.png` (mean deletion and
-insertion curves per method with a 95% band), `road.png` (ROAD's most- and least-relevant-first
-curves), `grid_<model>_<data>.png` (images by methods, each map over its image),
-`time_vs_insertion.png`, and the timing report (`timing.md` and the `speed_*.png`
-plots, see `harness.speed_report`). At the end of every sweep, `harness.app.ReportCallback` does the
+writes `summary.csv` (one row per job), `summary.md` (with the verdict of `harness.statistics`:
+each method against `random`, rank intervals, the metrics' agreement), `verdict.csv`, the plots
+`curves.png` (mean deletion and insertion curves per method with a 95% band), `road.png` (ROAD's
+most- and least-relevant-first curves), `grid_<model>_<data>.png` (images by methods, each map over
+its image), `time_vs_insertion.png`, the sanity checks' figures (`harness.sanity_report`) and the
+timing report (`timing.md` and the `speed_*.png` plots, see `harness.speed_report`). At the end of
+every sweep, `harness.app.ReportCallback` does the
 same.
 """
 
@@ -29,11 +31,13 @@ import torch  # noqa: E402
 from harness.results import atomic_write, load_rows, metric_names, read_maps, value_fields  # noqa: E402
 from harness.sanity_report import write_sanity  # noqa: E402
 from harness.speed_report import save_figure, write_timing  # noqa: E402
+from harness.statistics import verdict  # noqa: E402
 
 log = logging.getLogger("harness.report")
 GROUP = ["model", "data", "device"]
 ARROW = {"higher": "↑", "lower": "↓"}
 # The curves of each plot: `<file>.png` shows these curves of curves.csv, where the rows have them.
+GRID_IMAGES = 8  # rows of the grid: a figure to look at, not every image of a large sweep
 CURVE_PLOTS = {"curves": ("deletion", "insertion"), "road": ("road_morf", "road_lerf")}
 
 
@@ -156,11 +160,11 @@ def _display(a: torch.Tensor) -> tuple[torch.Tensor, str, float]:
 
 
 def plot_grid(rows: pd.DataFrame, path: Path) -> None:
-    """Images (rows) by methods (columns), each map over its image (signed maps: red +, blue -), the
-    object's mask outlined in green where the data knows it.
+    """Images (rows, the first `GRID_IMAGES`) by methods (columns), each map over its image (signed
+    maps: red +, blue -), the object's mask outlined in green where the data knows it.
     """
     jobs = [read_maps(Path(d)) for d in rows["job_dir"]]
-    n = len(jobs[0]["ids"])
+    n = min(len(jobs[0]["ids"]), GRID_IMAGES)
     fig, axes = plt.subplots(n, len(jobs) + 1, figsize=(1.6 * (len(jobs) + 1), 1.6 * n), squeeze=False)
     for i in range(n):
         image = jobs[0]["images"][i].transpose(1, 2, 0)
@@ -204,7 +208,9 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
     out = Path(out or sweeps[0])
     out.mkdir(parents=True, exist_ok=True)
     rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
-    atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows)))
+    verdict_table, verdict_section = verdict(rows)
+    atomic_write(out / "verdict.csv", lambda p: verdict_table.to_csv(p, index=False))
+    atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + verdict_section))
     for name, wanted in CURVE_PLOTS.items():
         present = [c for c in wanted if f"{c}_auc" in rows.columns]
         if present:

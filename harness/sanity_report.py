@@ -119,7 +119,7 @@ def plot_sanity_maps(rows: pd.DataFrame, out: Path, stem: str) -> None:
             ax.set_yticks([])
         fig.suptitle(f"{image_id}: cascading randomisation from the logits down", fontsize=8)
         fig.tight_layout()
-        save_figure(fig, out / f"{stem}_{str(image_id).replace('/', '_')}.png", dpi=90)
+        save_figure(fig, out / f"{stem}_{str(image_id).replace('/', '_')}.png", dpi=72)
 
 
 def write_sanity(rows: pd.DataFrame, out: Path) -> None:
