@@ -111,7 +111,7 @@ def generate(
     size: int = 64,
     classes: Sequence[str] = CLASSES,
     distractors: int = 1,
-    scale: Sequence[float] = (0.35, 0.6),
+    scale: Sequence[float] = (0.25, 0.4),
     seed: int = 0,
     split: str = "test",
 ) -> tuple[torch.Tensor, torch.Tensor, GroundTruth]:
@@ -163,7 +163,7 @@ def shapes(
     num_images: int = 32,
     classes: Sequence[str] = CLASSES,
     distractors: int = 1,
-    scale: Sequence[float] = (0.35, 0.6),
+    scale: Sequence[float] = (0.25, 0.4),
     seed: int = 0,
     split: str = "test",
 ) -> Images:
