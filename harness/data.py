@@ -32,8 +32,6 @@ class Images:
         ids: one name per image.
         name: config name of the data, the value of `data` in the results row.
         ground_truth: the evidence of each image's class (object masks and boxes), where known.
-        class_names: the data's own class names, where its labels are not the model's (None: the
-            labels index the model's classes).
     """
 
     images: torch.Tensor
@@ -41,7 +39,6 @@ class Images:
     ids: list[str]
     name: str
     ground_truth: GroundTruth | None = None
-    class_names: list[str] | None = None
 
 
 def _to_model_input(rgb: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -3,7 +3,8 @@
     python -m harness.report <sweep folder> [<sweep folder> ...] [--out <folder>]
 
 writes `summary.csv` (one row per job), `summary.md` (with the verdict of `harness.statistics`:
-each method against `random`, rank intervals, the metrics' agreement), `verdict.csv`, the plots
+each method against `random`, rank intervals, the metrics' agreement), `verdict.csv`,
+`pairwise.csv` (every pair of methods: P(better on an image), Wilcoxon, Holm), the plots
 `curves.png` (mean deletion and insertion curves per method with a 95% band), `road.png` (ROAD's
 most- and least-relevant-first curves), `grid_<model>_<data>.png` (images by methods, each map over
 its image), `time_vs_insertion.png`, the sanity checks' figures (`harness.sanity_report`) and the
@@ -208,8 +209,9 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
     out = Path(out or sweeps[0])
     out.mkdir(parents=True, exist_ok=True)
     rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
-    verdict_table, verdict_section = verdict(rows)
+    verdict_table, verdict_section, pairs = verdict(rows)
     atomic_write(out / "verdict.csv", lambda p: verdict_table.to_csv(p, index=False))
+    atomic_write(out / "pairwise.csv", lambda p: pairs.to_csv(p, index=False))
     atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + verdict_section))
     for name, wanted in CURVE_PLOTS.items():
         present = [c for c in wanted if f"{c}_auc" in rows.columns]

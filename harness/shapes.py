@@ -176,4 +176,4 @@ def shapes(
     )
     images = TF.normalize(pixels, list(mean), list(std))
     ids = [f"{split}{seed}_{i:04d}_{classes[int(k)]}" for i, k in enumerate(labels)]
-    return Images(images, labels, ids, "shapes", ground_truth=truth, class_names=list(classes))
+    return Images(images, labels, ids, "shapes", ground_truth=truth)

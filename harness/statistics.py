@@ -187,9 +187,10 @@ def agreement(table: pd.DataFrame, better: dict[str, str]) -> tuple[pd.DataFrame
     return pd.DataFrame(within), pd.DataFrame(between)
 
 
-def verdict(rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, str]:
+def verdict(rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, str, pd.DataFrame]:
     """`verdict.csv` (one row per model, data, method and metric value: the test against random and
-    the rank interval) and the Markdown section of `summary.md` that sums it up.
+    the rank interval), the Markdown section of `summary.md` that sums it up, and `pairwise.csv`
+    (every pair of methods, see `pairwise`).
     """
     better = {
         c[: -len("_better")]: str(rows[c].dropna().iloc[0]) for c in rows.columns if c.endswith("_better")
@@ -197,13 +198,12 @@ def verdict(rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, str]:
     table = per_image(rows)
     if table.empty or table["method"].nunique() < 2:
         why = "no per-image metric values" if table.empty else "fewer than two methods"
-        return pd.DataFrame(
-            columns=[*KEYS, "method", "field"]
-        ), f"## Verdict\n\nNot applicable: the sweep has {why}.\n"
+        empty = pd.DataFrame(columns=[*KEYS, "method", "field"])
+        return empty, f"## Verdict\n\nNot applicable: the sweep has {why}.\n", empty
     tests, rank = versus_random(table, better, seed), ranks(table, better, seed=seed)
     within, between = agreement(table, better)
     merged = rank.merge(tests, on=[*KEYS, "method", "field"], how="left") if not tests.empty else rank
-    return merged, _markdown(merged, within, between, better)
+    return merged, _markdown(merged, within, between, better), pairwise(table, better)
 
 
 def _markdown(

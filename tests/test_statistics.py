@@ -100,16 +100,17 @@ def _rows(tmp_path, methods: list[str]) -> pd.DataFrame:
 
 
 def test_one_method_or_no_random_is_reported_as_not_applicable(tmp_path):
-    table, text = verdict(_rows(tmp_path / "one", ["saliency"]))
+    table, text, _ = verdict(_rows(tmp_path / "one", ["saliency"]))
     assert table.empty and "Not applicable: the sweep has fewer than two methods" in text
-    table, text = verdict(_rows(tmp_path / "two", ["saliency", "grad_cam"]))
+    table, text, _ = verdict(_rows(tmp_path / "two", ["saliency", "grad_cam"]))
     assert "Tests against random: not applicable" in text
     assert table.set_index("method")["rank"].to_dict() == {"grad_cam": 1, "saliency": 2}
     assert "not applicable: the sweep has no random baseline" in set(table["note"])
 
 
 def test_the_verdict_counts_the_metrics_a_method_beats_random_on(tmp_path):
-    table, text = verdict(_rows(tmp_path, ["random", "saliency"]))
+    table, text, pairs = verdict(_rows(tmp_path, ["random", "saliency"]))
+    assert pairs[["method", "other", "p_better"]].values.tolist() == [["random", "saliency", 0.0]]
     row = table[table["method"] == "saliency"].iloc[0]
     assert bool(row["beats_random"]) and row["rank"] == 1
     assert "| saliency | 1 of 1" in text.replace("  ", " ").replace("  ", " ")
