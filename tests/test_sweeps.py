@@ -224,6 +224,12 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
     assert r.returncode == 0, r.stderr
     both = pd.read_csv(merged / "summary.csv")
     assert len(both) == 2 * JOBS and sorted(both["phase"].unique()) == ["all", "evaluate"]
+    # One verdict over the merged sweeps: each method's jobs of both sweeps, averaged per image.
+    verdict = pd.read_csv(merged / "verdict.csv")
+    assert (
+        set(verdict["method"]) == set(both["method"]) and "## Verdict" in (merged / "summary.md").read_text()
+    )
+    assert (merged / "pairwise.csv").is_file()
 
     # New metric settings: the same AUCs as a sweep that computes the maps again with them.
     changed = ["metric=[deletion]", "metric.deletion.steps=7", "metric.deletion.substrate=mean"]
