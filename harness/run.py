@@ -425,36 +425,39 @@ def _score(
     return result
 
 
+def _explain(job: Job, model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One re-run of the job's method on `model`, seeded as every call (a stochastic method draws the
+    same numbers for a perturbed input, or a randomised model, as for the original).
+    """
+    seed_all(int(job.cfg.seed))
+    return job.method(model, inputs, target).detach()
+
+
 def _explainer(job: Job) -> tuple[Any, torch.nn.Module]:
     """The job's method as `explain(inputs, target) -> maps`, for metrics that re-run it, and the model
     it runs (whose passes the metric's timing counts).
     """
     model = job.classifier.module if job.method_traits.eager_only else job.model
-    seed = int(job.cfg.seed)
-
-    def explain(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        seed_all(seed)  # a stochastic method draws the same numbers for a perturbed input as for the input
-        return job.method(model, inputs, target).detach()
-
-    return explain, model
+    return (lambda inputs, target: _explain(job, model, inputs, target)), model
 
 
 def _explainer_with(job: Job) -> Any:
     """The job's method as `explain_with(model, inputs, target) -> maps` on a model of the metric's
-    (a randomised copy): prepared with the job's speed options (memory format, BatchNorm folding:
-    the same function), eager, seeded like every call. While the method runs, the model carries
-    the forward pre-hooks that the timing put on the job's model, so that its passes are counted
-    (the row's forwards and bound) and a warm-up or profile stops after the first ones, as on the
-    job's model.
+    (a randomised copy). It runs on a copy of that model prepared with the job's speed options
+    (memory format, BatchNorm folding: the same function), eager, so that the metric's own model is
+    never changed: a cascading randomisation re-initialises the next block of the model as it was,
+    not of one whose BatchNorms were folded into its convolutions. While the method runs, the copy
+    carries the forward pre-hooks that the timing put on the job's model, so that its passes are
+    counted (the row's forwards and bound) and a warm-up or profile stops after the first ones.
     """
-    seed = int(job.cfg.seed)
 
     def explain_with(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        job.options.prepare(model, inputs[:2])
-        handles = [model.register_forward_pre_hook(h) for h in list(job.model._forward_pre_hooks.values())]
+        prepared = copy.deepcopy(model)
+        job.options.prepare(prepared, inputs[:2])
+        hooks = list(job.model._forward_pre_hooks.values())
+        handles = [prepared.register_forward_pre_hook(h) for h in hooks]
         try:
-            seed_all(seed)
-            return job.method(model, inputs, target).detach()
+            return _explain(job, prepared, inputs, target)
         finally:
             for h in handles:
                 h.remove()

@@ -130,10 +130,6 @@ def reinitialise(modules: Sequence[nn.Module], seed: int, reset_batchnorm: bool)
                     reset()
 
 
-def _label(block: str | Sequence[str]) -> str:
-    return block if isinstance(block, str) else "+".join(block)
-
-
 def check_randomisation(
     *, blocks: Sequence[str | Sequence[str]] = (), order: str = "cascading", **_: object
 ) -> None:

@@ -61,3 +61,35 @@ def test_sanity_sweep_writes_similarities_curves_and_figures(tmp_path):
     assert np.load(job / "attributions.npz")["model_randomisation_maps"].shape == (2, 3, 32, 32)
     assert (sweep / "sanity_curves_small_cnn_photos.png").is_file()
     assert len(list(sweep.glob("sanity_maps_small_cnn_photos_*.png"))) == 2
+
+
+def test_explain_with_runs_a_prepared_copy_and_leaves_the_metrics_model_as_it_is():
+    """BatchNorm folding (the CPU default) must not reach the model a cascading randomisation goes on
+    re-initialising: its next block must still have its BatchNorm and a conv without bias.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    import methods
+    from harness.device import SpeedOptions
+    from harness.run import _explainer_with
+    from tests.conftest import CONF
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    job = SimpleNamespace(
+        options=SpeedOptions.from_config(OmegaConf.load(CONF / "device" / "cpu.yaml")),
+        model=nn.Identity(),  # the timing's hooks live on the job's model; none here
+        method=lambda m, x, t: methods.saliency(m, x, t, chunk_size=4),
+        cfg=OmegaConf.create({"seed": 0}),
+    )
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    maps = _explainer_with(job)(model, x, t)
+    assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None  # not folded in place
+    torch.testing.assert_close(maps, methods.saliency(model, x, t, chunk_size=4))  # the same function
