@@ -148,7 +148,7 @@ def report_is_current(sweep: Path) -> bool:
 
 
 class ReportCallback(Callback):
-    """Hydra callback: the sweep's tables and plots once every job has ended (any launcher), then
+    """Hydra callback: the sweep's tables, plots and page once every job has ended (any launcher), then
     the jobs that failed with a message, if any, each named, and a non-zero exit.
     """
 
@@ -165,7 +165,7 @@ class ReportCallback(Callback):
                 from harness.report import write_report  # matplotlib and pandas: only when needed
 
                 write_report(sweep)
-            print(f"results: {sweep}/summary.md")
+            print(f"results: {sweep}/summary.md, {sweep}/report.html")
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
         for path in failed:
             log.error("failed: %s: %s", path.parent.name, path.read_text().strip())

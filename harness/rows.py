@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 # Where a job's time goes besides its calls, in the order of the row's overhead_* fields.
+TOP_K = 5  # predictions per image in scores.csv, for the report's example browser
 OVERHEAD = ("build", "calibration", "warmup", "bound_loops", "profile", "write")
 
 
@@ -178,7 +179,8 @@ def tables(
     job: Job, results: dict[str, Result], target: torch.Tensor, probs: torch.Tensor
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """`curves.csv` (long: metric curve, image, point, fraction, score) and `scores.csv` (per image:
-    label, target, its probability and every metric value).
+    label and its name (empty where the image has none), target, its probability, the top-5 classes
+    `top<k>`, `top<k>_name`, `top<k>_prob` (fewer for a model of fewer classes), every metric value).
     """
     ids = job.data.ids
     long = []
@@ -189,7 +191,17 @@ def tables(
                 for p in range(len(fractions)):
                     long.append((curve, image, p, float(fractions[p]), float(scores[i, p])))
     curves_df = pd.DataFrame(long, columns=["metric", "image_id", "point", "fraction", "score"])
-    t = target.cpu()
+    t, names = target.cpu(), job.classifier.class_names
+    top = probs.float().cpu().topk(min(TOP_K, probs.shape[1]), dim=1)
+    ranked: dict[str, list] = {}
+    for k in range(top.indices.shape[1]):
+        classes = top.indices[:, k].tolist()
+        ranked |= {
+            f"top{k + 1}": classes,
+            f"top{k + 1}_name": [names[c] for c in classes],
+            f"top{k + 1}_prob": top.values[:, k].tolist(),
+        }
+    labels = job.data.labels.tolist()
     values = {
         field_name(name, key): v.float().cpu().tolist()
         for name, r in results.items()
@@ -198,10 +210,12 @@ def tables(
     scores_df = pd.DataFrame(
         {
             "image_id": ids,
-            "label": job.data.labels.tolist(),
+            "label": labels,
+            "label_name": [names[c] if 0 <= c < len(names) else "" if c < 0 else str(c) for c in labels],
             "target": t.tolist(),
-            "target_name": [job.classifier.class_names[i] for i in t.tolist()],
+            "target_name": [names[i] for i in t.tolist()],
             "target_prob": probs.cpu().gather(1, t[:, None])[:, 0].tolist(),
+            **ranked,
             **values,
         }
     )

@@ -121,6 +121,7 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
         "road.png",
         "time_vs_insertion.png",
         "grid_small_cnn_photos.png",
+        "report.html",
     ]:
         assert (sweep / name).stat().st_size > 0, name
 
@@ -129,6 +130,12 @@ def test_sweep_writes_rows_tables_and_plots(tmp_path):
     row = json.loads((job / "run.json").read_text())
     scores = pd.read_csv(job / "scores.csv")
     assert abs(scores["deletion_auc"].mean() - row["deletion_auc"]) < 1e-6
+    # the top-5 predictions, for the page: the first is the explained class, probabilities descending
+    top = scores[[f"top{k}_prob" for k in range(1, 6)]].to_numpy()
+    assert (scores["top1"] == scores["target"]).all() and (top[:, :-1] >= top[:, 1:]).all()
+    assert (scores["top1_prob"] - scores["target_prob"]).abs().max() < 1e-6 and top.sum(
+        axis=1
+    ).max() <= 1 + 1e-6
     assert (job / ".hydra" / "config.yaml").is_file()
 
     # the report is rebuilt from the job folders alone

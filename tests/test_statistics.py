@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from harness.statistics import agreement, holm, pairwise, ranks, verdict, versus_random
+from harness.report.statistics import agreement, holm, pairwise, ranks, verdict, versus_random
 
 
 def long_table(values: dict[str, np.ndarray], field: str = "insertion_auc") -> pd.DataFrame:
@@ -100,16 +100,19 @@ def _rows(tmp_path, methods: list[str]) -> pd.DataFrame:
 
 
 def test_one_method_or_no_random_is_reported_as_not_applicable(tmp_path):
-    table, text, _ = verdict(_rows(tmp_path / "one", ["saliency"]))
+    one = verdict(_rows(tmp_path / "one", ["saliency"]))
+    table, text = one.table, one.markdown
     assert table.empty and "Not applicable: the sweep has fewer than two methods" in text
-    table, text, _ = verdict(_rows(tmp_path / "two", ["saliency", "grad_cam"]))
+    two = verdict(_rows(tmp_path / "two", ["saliency", "grad_cam"]))
+    table, text = two.table, two.markdown
     assert "Tests against random: not applicable" in text
     assert table.set_index("method")["rank"].to_dict() == {"grad_cam": 1, "saliency": 2}
     assert "not applicable: the sweep has no random baseline" in set(table["note"])
 
 
 def test_the_verdict_counts_the_metrics_a_method_beats_random_on(tmp_path):
-    table, text, pairs = verdict(_rows(tmp_path, ["random", "saliency"]))
+    found = verdict(_rows(tmp_path, ["random", "saliency"]))
+    table, text, pairs = found.table, found.markdown, found.pairwise
     assert pairs[["method", "other", "p_better"]].values.tolist() == [["random", "saliency", 0.0]]
     row = table[table["method"] == "saliency"].iloc[0]
     assert bool(row["beats_random"]) and row["rank"] == 1

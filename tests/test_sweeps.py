@@ -230,6 +230,9 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
         set(verdict["method"]) == set(both["method"]) and "## Verdict" in (merged / "summary.md").read_text()
     )
     assert (merged / "pairwise.csv").is_file()
+    page = (merged / "report.html").read_text()
+    table = page.split('id="summary-table">', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr>") == 1 + 2 * JOBS  # one page over both sweeps: heading and every job
 
     # New metric settings: the same AUCs as a sweep that computes the maps again with them.
     changed = ["metric=[deletion]", "metric.deletion.steps=7", "metric.deletion.substrate=mean"]

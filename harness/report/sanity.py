@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
+from harness.report.plots import save_figure
 from harness.results import read_maps
-from harness.speed_report import save_figure
 
 METRIC = "model_randomisation"
 KEYS = {
@@ -97,10 +97,10 @@ def _over(ax: plt.Axes, grey: torch.Tensor, plane: torch.Tensor) -> None:
     )
 
 
-def plot_sanity_maps(rows: pd.DataFrame, out: Path, stem: str) -> None:
+def plot_sanity_maps(rows: pd.DataFrame, out: Path, stem: str) -> list[Path]:
     """One figure per image (at most `MAX_IMAGES`): methods by randomisation steps, |map| over the image."""
     jobs = [read_maps(Path(d)) for d in rows["job_dir"]]
-    steps = _steps(rows.iloc[0])
+    steps, paths = _steps(rows.iloc[0]), []
     for n, image_id in enumerate(jobs[0]["ids"][:MAX_IMAGES]):
         fig, axes = plt.subplots(
             len(jobs), len(steps), figsize=(1.3 * len(steps), 1.3 * len(jobs)), squeeze=False
@@ -119,15 +119,20 @@ def plot_sanity_maps(rows: pd.DataFrame, out: Path, stem: str) -> None:
             ax.set_yticks([])
         fig.suptitle(f"{image_id}: cascading randomisation from the logits down", fontsize=8)
         fig.tight_layout()
-        save_figure(fig, out / f"{stem}_{str(image_id).replace('/', '_')}.png", dpi=72)
+        paths.append(out / f"{stem}_{str(image_id).replace('/', '_')}.png")
+        save_figure(fig, paths[-1], dpi=72)
+    return paths
 
 
-def write_sanity(rows: pd.DataFrame, out: Path) -> None:
-    """The sanity figures of every (model, data) whose jobs ran `model_randomisation`."""
+def write_sanity(rows: pd.DataFrame, out: Path) -> list[Path]:
+    """The sanity figures of every (model, data) whose jobs ran `model_randomisation`; their paths."""
+    paths: list[Path] = []
     if f"{METRIC}_spearman_abs" not in rows.columns:
-        return
+        return paths
     done = rows[rows[f"{METRIC}_spearman_abs"].notna()]
     for (model, data), group in done.groupby(["model", "data"]):
         group = group.drop_duplicates("method")
-        plot_sanity_curves(group, out / f"sanity_curves_{model}_{data}.png")
-        plot_sanity_maps(group, out, f"sanity_maps_{model}_{data}")
+        paths.append(out / f"sanity_curves_{model}_{data}.png")
+        plot_sanity_curves(group, paths[-1])
+        paths += plot_sanity_maps(group, out, f"sanity_maps_{model}_{data}")
+    return paths

@@ -22,6 +22,7 @@ A statistic that needs `random` or two methods is reported as not applicable (`n
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -187,11 +188,23 @@ def agreement(table: pd.DataFrame, better: dict[str, str]) -> tuple[pd.DataFrame
     return pd.DataFrame(within), pd.DataFrame(between)
 
 
-def verdict(rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, str, pd.DataFrame]:
-    """`verdict.csv` (one row per model, data, method and metric value: the test against random and
-    the rank interval), the Markdown section of `summary.md` that sums it up, and `pairwise.csv`
-    (every pair of methods, see `pairwise`).
+@dataclass
+class Verdict:
+    """What `verdict` finds: `table` (`verdict.csv`: one row per model, data, method and metric value,
+    the test against random and the rank interval), `pairwise` (`pairwise.csv`), the agreement
+    `within` each metric and `between` metrics, and `markdown`, the section of `summary.md`.
     """
+
+    table: pd.DataFrame
+    pairwise: pd.DataFrame
+    within: pd.DataFrame
+    between: pd.DataFrame
+    markdown: str
+    better: dict[str, str]
+
+
+def verdict(rows: pd.DataFrame, seed: int = 0) -> Verdict:
+    """The statistics of a sweep's rows, per (model, data); see the module's description."""
     better = {
         c[: -len("_better")]: str(rows[c].dropna().iloc[0]) for c in rows.columns if c.endswith("_better")
     }
@@ -199,11 +212,39 @@ def verdict(rows: pd.DataFrame, seed: int = 0) -> tuple[pd.DataFrame, str, pd.Da
     if table.empty or table["method"].nunique() < 2:
         why = "no per-image metric values" if table.empty else "fewer than two methods"
         empty = pd.DataFrame(columns=[*KEYS, "method", "field"])
-        return empty, f"## Verdict\n\nNot applicable: the sweep has {why}.\n", empty
+        text = f"## Verdict\n\nNot applicable: the sweep has {why}.\n"
+        return Verdict(empty, empty, pd.DataFrame(), pd.DataFrame(), text, better)
     tests, rank = versus_random(table, better, seed), ranks(table, better, seed=seed)
     within, between = agreement(table, better)
     merged = rank.merge(tests, on=[*KEYS, "method", "field"], how="left") if not tests.empty else rank
-    return merged, _markdown(merged, within, between, better), pairwise(table, better)
+    text = _markdown(merged, within, between, better)
+    return Verdict(merged, pairwise(table, better), within, between, text, better)
+
+
+def summary(group: pd.DataFrame, better: dict[str, str]) -> pd.DataFrame:
+    """One (model, data)'s verdict as a table of methods by metric values: the rank interval (95%;
+    1 = best) with a mark where the method beats `random`, and on how many values it does.
+    """
+    fields = [f for f in better if f in set(group["field"])]
+    has_random = "beats_random" in group and (group["method"] == "random").any()
+    wide = []
+    for method, per in group.groupby("method"):
+        line = {"method": method}
+        if has_random:
+            wins = per["beats_random"].fillna(False).astype(bool)
+            line["beats random on"] = "-" if method == "random" else f"{int(wins.sum())} of {len(fields)}"
+        for f in fields:
+            r = per[per["field"] == f]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            mark = " ✓" if has_random and bool(r.get("beats_random") is True) else ""
+            span = (
+                f"{r['rank_low']}" if r["rank_low"] == r["rank_high"] else f"{r['rank_low']}-{r['rank_high']}"
+            )
+            line[f"{f} {'↑' if better[f] == 'higher' else '↓'}"] = span + mark
+        wide.append(line)
+    return pd.DataFrame(wide)
 
 
 def _markdown(
@@ -226,26 +267,7 @@ def _markdown(
                 "correction over the sweep's tests)."
             )
         parts.append("")
-        wide = []
-        for method, per in group.groupby("method"):
-            line = {"method": method}
-            if has_random:
-                wins = per["beats_random"].fillna(False).astype(bool)
-                line["beats random on"] = "-" if method == "random" else f"{int(wins.sum())} of {len(fields)}"
-            for f in fields:
-                r = per[per["field"] == f]
-                if r.empty:
-                    continue
-                r = r.iloc[0]
-                mark = " ✓" if has_random and bool(r.get("beats_random") is True) else ""
-                span = (
-                    f"{r['rank_low']}"
-                    if r["rank_low"] == r["rank_high"]
-                    else f"{r['rank_low']}-{r['rank_high']}"
-                )
-                line[f"{f} {'↑' if better[f] == 'higher' else '↓'}"] = span + mark
-            wide.append(line)
-        parts += [pd.DataFrame(wide).to_markdown(index=False), ""]
+        parts += [summary(group, better).to_markdown(index=False), ""]
         w = within[(within["model"] == model) & (within["data"] == data)] if not within.empty else within
         if not w.empty:
             alphas = ", ".join(f"{r.field} {r.krippendorff_alpha:.2f}" for r in w.itertuples())

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness.report.plots import save_figure  # noqa: E402
 from harness.results import atomic_write, metric_names, value_fields  # noqa: E402
 
 # Options a speed sweep varies; the plain path is fp32, eager, no TF32.
@@ -254,14 +255,8 @@ def plot_memory(rows: pd.DataFrame, path: Path) -> None:
     save_figure(fig, path)
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
-    """Write a figure as PNG, atomically, and free it."""
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
-    plt.close(fig)
-
-
-def write_timing(rows: pd.DataFrame, out: Path) -> None:
-    """Write `timing.md` and the speed plots for the sweep's rows."""
+def write_timing(rows: pd.DataFrame, out: Path) -> list[Path]:
+    """Write `timing.md` and the speed plots for the sweep's rows; returns the plots' paths."""
     text = ["# Timing\n", _fmt(timing_table(rows)), ""]
     text.append(
         "ms/image: median wall time per image; / bound: best ratio of a call to its own forward "
@@ -287,7 +282,12 @@ def write_timing(rows: pd.DataFrame, out: Path) -> None:
                 _fmt(effects),
             ]
     atomic_write(out / "timing.md", lambda p: p.write_text("\n".join(text) + "\n"))
-    plot_throughput(rows, out / "speed_throughput.png")
-    plot_kernels(rows, out / "speed_kernels.png")
-    plot_bound(rows, out / "speed_bound.png")
-    plot_memory(rows, out / "speed_memory.png")
+    plots = {
+        "throughput": plot_throughput,
+        "kernels": plot_kernels,
+        "bound": plot_bound,
+        "memory": plot_memory,
+    }
+    for name, plot in plots.items():
+        plot(rows, out / f"speed_{name}.png")
+    return [out / f"speed_{name}.png" for name in plots]

@@ -1,0 +1,72 @@
+"""The report of a sweep, rebuilt at any time from its job folders.
+
+    python -m harness.report <sweep folder> [<sweep folder> ...] [--out <folder>]
+
+writes, into the first sweep folder or `--out`:
+
+- `summary.csv` (one row per job) and `summary.md`: the headline table (`tables`) and the verdict
+  (`statistics`: each method against `random`, rank intervals, the metrics' agreement);
+- `verdict.csv` and `pairwise.csv` (every pair of methods: P(better on an image), Wilcoxon, Holm);
+- the plots (`plots`): `curves.png` (mean deletion and insertion curves per method with a 95% band),
+  `road.png` (ROAD's most- and least-relevant-first curves), `grid_<model>_<data>.png` (images by
+  methods, each map over its image), `time_vs_insertion.png`; the sanity checks' figures (`sanity`);
+  the timing report (`timing.md` and the `speed_*.png` plots, `speed`);
+- `report.html` (`page`): all of it in one self-contained page with an example browser.
+
+Several sweeps merge into one report and one verdict. At the end of every sweep,
+`harness.app.ReportCallback` does the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from harness.report.page import write_page
+from harness.report.plots import plot_curves, plot_grid, plot_time_vs_insertion
+from harness.report.sanity import write_sanity
+from harness.report.speed import write_timing
+from harness.report.statistics import verdict
+from harness.report.tables import GROUP, markdown
+from harness.results import atomic_write, load_rows
+
+__all__ = ["write_report"]
+log = logging.getLogger("harness.report")
+# The curves of each plot: `<file>.png` shows these curves of curves.csv, where the rows have them.
+CURVE_PLOTS = {"curves": ("deletion", "insertion"), "road": ("road_morf", "road_lerf")}
+
+
+def write_report(*sweeps: Path, out: Path | None = None) -> Path:
+    """Write the tables, plots and page of one or more sweeps into `out` (default: the first sweep)."""
+    rows = load_rows(*sweeps)
+    if rows.empty:
+        raise FileNotFoundError(f"no complete job (no */run.json) under {[str(s) for s in sweeps]}")
+    out = Path(out or sweeps[0])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
+    found = verdict(rows)
+    atomic_write(out / "verdict.csv", lambda p: found.table.to_csv(p, index=False))
+    atomic_write(out / "pairwise.csv", lambda p: found.pairwise.to_csv(p, index=False))
+    atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + found.markdown))
+    plots = []
+    for name, wanted in CURVE_PLOTS.items():
+        present = [c for c in wanted if f"{c}_auc" in rows.columns]
+        if present:
+            plot_curves(rows, present, out / f"{name}.png")
+            plots.append(out / f"{name}.png")
+    if "insertion_auc" in rows.columns:
+        plot_time_vs_insertion(rows, out / "time_vs_insertion.png")
+        plots.append(out / "time_vs_insertion.png")
+    for (model, data), group in rows.groupby(["model", "data"]):
+        for device, per_device in group.groupby("device"):
+            suffix = f"_{device}" if group["device"].nunique() > 1 else ""
+            plot_grid(per_device.drop_duplicates("method"), out / f"grid_{model}_{data}{suffix}.png")
+            plots.append(out / f"grid_{model}_{data}{suffix}.png")
+    if "method_bound_ratio" in rows.columns:
+        plots += write_timing(rows, out)
+    plots += write_sanity(rows, out)
+    write_page(rows, found, plots, out / "report.html")
+    # Last: a summary.csv newer than every job means the whole report is (harness.app.report_is_current).
+    atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
+    log.info("report of %d jobs written to %s", len(rows), out)
+    return out
