@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with open_page(args.page, args.width, args.height) as opened:
         if args.at:
-            opened.page.locator(args.at).first.scroll_into_view_if_needed()
+            opened.page.locator(args.at).first.evaluate("node => node.scrollIntoView()")  # its top at the top
         opened.page.screenshot(path=str(args.picture))
     if opened.errors:
         raise SystemExit("the page logged: " + "; ".join(opened.errors))

@@ -107,7 +107,7 @@ function buildControls() {
 }
 
 function chart(group, image, curve, methods) {
-  const W = 230, H = 150, L = 34, R = 8, T = 18, B = 24;
+  const W = 200, H = 140, L = 30, R = 8, T = 18, B = 26;
   const x = group.x[curve] || [];
   const lines = methods.filter((m) => (image.curves[curve] || {})[m]);
   const all = lines.flatMap((m) => image.curves[curve][m]).filter((v) => v !== null);
@@ -125,8 +125,9 @@ function chart(group, image, curve, methods) {
     t.textContent = Number(v.toFixed(2)).toString();
     root.append(t);
   });
-  ["0", "1"].forEach((v) => {
-    const t = svg("text", { x: px(Number(v)) - 3, y: H - 8 });
+  const axis = curve.startsWith("model_randomisation") ? "blocks re-initialised" : "fraction changed";
+  [["0", px(0) - 3], [axis, px(0.5) - 3 * axis.length], ["1", px(1) - 3]].forEach(([v, x0]) => {
+    const t = svg("text", { x: x0, y: H - 10 });
     t.textContent = v;
     root.append(t);
   });

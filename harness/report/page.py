@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from harness.report.examples import examples
-from harness.report.statistics import ALPHA, KEYS, Verdict, summary
+from harness.report.statistics import ALPHA, KEYS, Verdict, against_random, summary
 from harness.report.tables import headline, one, settings
 from harness.results import atomic_write, value_fields
 
@@ -82,6 +82,12 @@ def _verdict_section(found: Verdict) -> str:
             )
         )
         parts.append(_table(summary(group, found.better), caption="Verdict per method"))
+        tests = against_random(group, found.better)
+        if not tests.empty:
+            parts.append(
+                _table(tests, caption="Against random: median paired gain (positive: better), one-sided "
+                       "Wilcoxon p, Holm's p over the sweep's tests")
+            )  # fmt: skip
         within = _of(found.within, model, data)
         if not within.empty:
             alphas = within[["field", "methods", "images", "krippendorff_alpha"]]

@@ -247,6 +247,27 @@ def summary(group: pd.DataFrame, better: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(wide)
 
 
+def against_random(group: pd.DataFrame, better: dict[str, str]) -> pd.DataFrame:
+    """One (model, data)'s tests against `random` as a table of methods by metric values: the median
+    paired gain over random (oriented: positive is better), the one-sided p and Holm's p.
+    """
+    if "p_holm" not in group or not (group["method"] == "random").any():
+        return pd.DataFrame()
+    fields = [f for f in better if f in set(group["field"])]
+    wide = []
+    for method, per in group[group["method"] != "random"].groupby("method"):
+        line = {"method": method}
+        for f in fields:
+            r = per[per["field"] == f]
+            if r.empty or pd.isna(r.iloc[0].get("p")):
+                continue
+            r = r.iloc[0]
+            gain = "" if pd.isna(r.get("median_gain")) else f"{r['median_gain']:+.3f}, "
+            line[f] = f"{gain}p {r['p']:.3f}, Holm {r['p_holm']:.2f}" + (" ✓" if r["beats_random"] else "")
+        wide.append(line)
+    return pd.DataFrame(wide)
+
+
 def _markdown(
     merged: pd.DataFrame, within: pd.DataFrame, between: pd.DataFrame, better: dict[str, str]
 ) -> str:
@@ -268,6 +289,10 @@ def _markdown(
             )
         parts.append("")
         parts += [summary(group, better).to_markdown(index=False), ""]
+        tests = against_random(group, better)
+        if not tests.empty:
+            parts += ["Against random: the median paired gain (positive: better), the one-sided p and "
+                      "Holm's p.", "", tests.fillna("").to_markdown(index=False), ""]  # fmt: skip
         w = within[(within["model"] == model) & (within["data"] == data)] if not within.empty else within
         if not w.empty:
             alphas = ", ".join(f"{r.field} {r.krippendorff_alpha:.2f}" for r in w.itertuples())
