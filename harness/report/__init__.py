@@ -65,7 +65,8 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
     if "method_bound_ratio" in rows.columns:
         plots += write_timing(rows, out)
     plots += write_sanity(rows, out)
-    write_page(rows, found, plots, out / "report.html")
+    names = ", ".join(Path(s).resolve().name for s in sweeps)
+    write_page(rows, found, plots, out / "report.html", f"Attribution report: {names}")
     # Last: a summary.csv newer than every job means the whole report is (harness.app.report_is_current).
     atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
     log.info("report of %d jobs written to %s", len(rows), out)

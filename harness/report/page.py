@@ -189,8 +189,7 @@ def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) ->
 """
 
 
-def write_page(rows: pd.DataFrame, found: Verdict, plots: list[Path], path: Path) -> None:
+def write_page(rows: pd.DataFrame, found: Verdict, plots: list[Path], path: Path, title: str) -> None:
     """Write `report.html` (atomically) for the sweep's rows, its verdict and its plots."""
-    title = f"Attribution report: {path.parent.name}"
     page = render(rows, found, plots, title)
     atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
