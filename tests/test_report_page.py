@@ -22,7 +22,7 @@ from PIL import Image
 
 from harness.report.browser import find_chromium
 from harness.report.examples import THUMB, _outline, _status, _top, overlay
-from harness.report.page import _clean
+from harness.report.page import _cell, _clean
 from tests.conftest import REPO
 
 METHODS = ["random", "saliency"]
@@ -68,6 +68,19 @@ def test_status_top5_and_json_safety():
     assert _top(row) == [("cat", 0.5), ("dog", 0.3)]
     assert _top(pd.Series({"target_name": "cat", "target_prob": 0.5})) == [("cat", 0.5)]  # older runs
     assert json.dumps(_clean({"a": [float("nan"), 1.0, (float("inf"),)]})) == '{"a": [null, 1.0, [null]]}'
+    cells = [
+        None,
+        float("nan"),
+        np.float32("nan"),
+        pd.NA,
+        True,
+        np.bool_(False),
+        0.5,
+        np.float32(0.25),
+        1e-5,
+        3,
+    ]
+    assert [_cell(v) for v in cells] == ["", "", "", "", "yes", "no", "0.500", "0.250", "1e-05", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -55,12 +56,13 @@ def _table(frame: pd.DataFrame, table_id: str | None = None, caption: str | None
 
 
 def _cell(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, bool):
+    if v is None or (pd.api.types.is_scalar(v) and not isinstance(v, str) and pd.isna(v)):
+        return ""  # None, NaN of any float type, pandas' NA
+    if isinstance(v, bool | np.bool_):
         return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 0.001 and v != 0 else f"{v:.3f}"
+    if isinstance(v, float | np.floating):
+        x = float(v)
+        return f"{x:.3g}" if abs(x) < 0.001 and x != 0 else f"{x:.3f}"
     return str(v)
 
 
@@ -96,10 +98,9 @@ def _verdict_section(found: Verdict) -> str:
         if not between.empty:
             taus = between.pivot(index="field", columns="other", values="kendall_tau").reset_index()
             parts.append(_table(taus, caption="Agreement between metrics (Kendall's tau of the rankings)"))
-    columns = [c for c in found.table.columns if c not in ("note",)]
     parts.append(
         "<details><summary>Every test (verdict.csv)</summary>"
-        + _table(found.table[columns], "verdict-table")
+        + _table(found.table, "verdict-table")
         + "</details>"
     )
     if not found.pairwise.empty:
