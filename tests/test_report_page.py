@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,27 @@ def test_the_page_loads_in_chromium_and_its_filters_work(chromium, sweep):
         )
         assert page.evaluate("document.images.length") > 10 and broken == []
         assert opened.errors == []
+
+
+@pytest.mark.slow
+def test_the_page_shows_the_models_pictures_when_the_sweep_has_them(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.inspect", "model=small_cnn", "device=cpu", "images=1",
+         "actmax.steps=3", f"out={copy / 'inspect'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "harness.report", str(copy)], cwd=REPO, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    page = (copy / "report.html").read_text()
+    section = page.split('<section id="model">', 1)[1].split("</section>", 1)[0]
+    pictures = sorted(p.name for p in (copy / "inspect").glob("*.png"))
+    assert len(pictures) == 7 and [n for n in pictures if f"<figcaption>{n}" in section] == pictures
+    assert (
+        '<a href="#model">Model</a>' in page
+        and '<section id="model">' not in (sweep / "report.html").read_text()
+    )

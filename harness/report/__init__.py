@@ -11,7 +11,9 @@ writes, into the first sweep folder or `--out`:
   `road.png` (ROAD's most- and least-relevant-first curves), `grid_<model>_<data>.png` (images by
   methods, each map over its image), `time_vs_insertion.png`; the sanity checks' figures (`sanity`);
   the timing report (`timing.md` and the `speed_*.png` plots, `speed`);
-- `report.html` (`page`): all of it in one self-contained page with an example browser.
+- `report.html` (`page`): all of it in one self-contained page with an example browser, and a
+  "Model" section with the pictures of `python -m harness.inspect out=<sweep>/inspect` when the
+  sweep has them.
 
 Several sweeps merge into one report and one verdict. At the end of every sweep,
 `harness.app.ReportCallback` does the same.
@@ -66,7 +68,10 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
         plots += write_timing(rows, out)
     plots += write_sanity(rows, out)
     names = ", ".join(Path(s).resolve().name for s in sweeps)
-    write_page(rows, found, plots, out / "report.html", f"Attribution report: {names}")
+    inspected = list(
+        dict.fromkeys(f for f in [out / "inspect", *(Path(s) / "inspect" for s in sweeps)] if f.is_dir())
+    )
+    write_page(rows, found, plots, out / "report.html", f"Attribution report: {names}", inspected)
     # Last: a summary.csv newer than every job means the whole report is (harness.app.report_is_current).
     atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
     log.info("report of %d jobs written to %s", len(rows), out)

@@ -150,7 +150,39 @@ def _plot(path: Path) -> str:
     return f'<figure><img src="{uri}" alt="{name}"><figcaption>{name}</figcaption></figure>'
 
 
-def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) -> str:
+ORDER = ("top_k", "saliency", "filters", "features", "actmax", "occlusion", "weights")
+
+
+def _model_section(folders: list[Path]) -> str:
+    """The pictures of `python -m harness.inspect` runs written into the sweep (`<sweep>/inspect`)."""
+    pictures = [p for folder in folders for p in sorted(folder.glob("*.png"))]
+    if not pictures:
+        return ""
+
+    def order(p: Path) -> tuple[int, str]:
+        kind = p.stem.split("_", 1)[0].replace("top", "top_k")
+        return (ORDER.index(kind) if kind in ORDER else len(ORDER), p.name)
+
+    parts = []
+    for p in sorted(pictures, key=order):
+        about = p.with_suffix(".json")
+        settings = json.loads(about.read_text()) if about.is_file() else {}
+        keys = ("layer", "image", "target_name", "steps", "normalise", "window", "k")
+        note = ", ".join(f"{k} {settings[k]}" for k in keys if settings.get(k) is not None)
+        parts.append(
+            _plot(p).replace("</figcaption>", f"{': ' + html.escape(note) if note else ''}</figcaption>")
+        )
+    where = ", ".join(html.escape(str(f)) for f in folders)
+    return (
+        '<section id="model"><h2>Model</h2><p>From <code>python -m harness.inspect</code> '
+        f"({where}); each picture's arrays and settings are in the <code>.npz</code> and "
+        f"<code>.json</code> beside it.</p>{''.join(parts)}</section>"
+    )
+
+
+def render(
+    rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str, inspected: list[Path] | None = None
+) -> str:
     """The page's HTML."""
     fields = value_fields(rows)
     data = json.dumps(_clean(examples(rows, fields)), allow_nan=False, separators=(",", ":"))
@@ -164,6 +196,8 @@ def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) ->
         + f"; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC."
     )
     figures = "".join(_plot(p) for p in plots if p.exists())
+    model = _model_section(inspected or [])
+    model_link = '<a href="#model">Model</a> ' if model else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -173,7 +207,7 @@ def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) ->
 <body>
 <header><h1>{html.escape(title)}</h1><p>{html.escape(facts)}</p>
 <nav><a href="#verdict">Verdict</a> <a href="#summary">Table</a> <a href="#settings">Settings</a>
-<a href="#plots">Plots</a> <a href="#examples">Examples</a></nav></header>
+<a href="#plots">Plots</a> {model_link}<a href="#examples">Examples</a></nav></header>
 <main>
 {_verdict_section(found)}
 <section id="summary"><h2>Per job</h2><p>Mean over images with its 95% interval (↑ higher is better,
@@ -181,6 +215,7 @@ def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) ->
 {_table(headline(rows), "summary-table")}</section>
 {_settings_section(rows)}
 <section id="plots"><h2>Plots</h2>{figures or "<p>No plots.</p>"}</section>
+{model}
 <section id="examples"><h2>Examples</h2>
 <div id="controls"></div><p id="shown"></p><div id="legend"></div><div id="cards"></div></section>
 </main>
@@ -190,7 +225,16 @@ def render(rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str) ->
 """
 
 
-def write_page(rows: pd.DataFrame, found: Verdict, plots: list[Path], path: Path, title: str) -> None:
-    """Write `report.html` (atomically) for the sweep's rows, its verdict and its plots."""
-    page = render(rows, found, plots, title)
+def write_page(
+    rows: pd.DataFrame,
+    found: Verdict,
+    plots: list[Path],
+    path: Path,
+    title: str,
+    inspected: list[Path] | None = None,
+) -> None:
+    """Write `report.html` (atomically) for the sweep's rows, its verdict, its plots and the model
+    pictures in the `inspected` folders.
+    """
+    page = render(rows, found, plots, title, inspected)
     atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
