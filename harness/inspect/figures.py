@@ -19,8 +19,9 @@ def _standardised(a: np.ndarray) -> np.ndarray:
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
-    lo, hi = float(a.min()), float(a.max())
-    return (a - lo) / max(hi - lo, 1e-12)
+    """From the minimum to the 99th percentile, clipped: a few extreme pixels set no scale."""
+    lo, hi = float(a.min()), float(np.quantile(a, 0.99))
+    return np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
 
 
 def saliency_figure(image: np.ndarray, panels: dict[str, np.ndarray], title: str) -> Figure:
@@ -28,7 +29,7 @@ def saliency_figure(image: np.ndarray, panels: dict[str, np.ndarray], title: str
     magnitude over the channels, and that maximum over the image. `image` `[H, W, 3]` in [0, 1];
     `panels`: `plain`, `guided` `[3, H, W]` and `plain_max`, `guided_max` `[H, W]`.
     """
-    fig, axes = plt.subplots(2, 4, figsize=(10, 5.4))
+    fig, axes = plt.subplots(2, 4, figsize=(10, 5.6))
     for row, kind in enumerate(("plain", "guided")):
         grads, peak = panels[kind], panels[f"{kind}_max"]
         axes[row, 0].imshow(image)
