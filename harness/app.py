@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from harness.checks import check_config
 from harness.errors import HarnessError
-from harness.resume import ROW_FILE, SKIPPED, digest, job_state, set_aside
+from harness.resume import RESULT_FILES, ROW_FILE, SKIPPED, digest, job_state, set_aside
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -73,14 +76,69 @@ def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
                 raise HarnessError(f"unknown {key} {name.strip()!r}; available: {', '.join(known)}")
 
 
+def check_output(overrides: list[str], default: Path = REPO / "results" / "runs") -> None:
+    """Refuse an output folder (`hydra.sweep.dir`, `hydra.run.dir`, or the default) that is a file,
+    lies under a file, or cannot be written, before Hydra creates it.
+    """
+    given = [
+        a.partition("=")[2]
+        for a in overrides
+        if a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.run.dir="))
+    ]
+    for text in given or [str(default)]:
+        if "${" in text:
+            text = text[: text.index("${")]  # the part before an interpolation (`${now:...}`)
+        path = Path(text or ".").expanduser().absolute()
+        key = "the output folder" if not given else f"output folder {text!r}"
+        for up in [path, *path.parents]:
+            if up.exists():
+                if not up.is_dir():
+                    what = "is a file" if up == path else f"lies under the file {up}"
+                    raise HarnessError(f"{key} {what}; expected a folder (hydra.sweep.dir=<folder>)")
+                if not _writable(up):
+                    raise HarnessError(
+                        f"{key} cannot be written ({up} is not writable); "
+                        "choose another with hydra.sweep.dir=<folder>"
+                    )
+                break
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a file can be made in `folder` (tried: permission bits do not stop root, and a
+    read-only or virtual file system stops everyone).
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
+
+
+# The sweep folder of the running sweep (ReportCallback sets it), for the line that a Ctrl-C prints.
+RUNNING: dict[str, str] = {}
+
+
 def cli() -> None:
-    """`python -m harness`: check the config names, then hand over to Hydra."""
+    """`python -m harness`: check the config names and the output folder, then hand over to Hydra;
+    Ctrl-C ends with one line saying how to resume.
+    """
     try:
         check_choices(sys.argv[1:])
+        check_output(sys.argv[1:])
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sweep = RUNNING.get("sweep")
+        again = (
+            f"python -m harness <the same arguments> hydra.sweep.dir={sweep} resume=true"
+            if sweep
+            else ("the same command with hydra.sweep.dir=<its folder> resume=true")
+        )
+        print(f"\ninterrupted: finished jobs are kept; to finish the sweep, run {again}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
@@ -91,6 +149,7 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     if state.kept:
         log.info("%s: %s", out.name, SKIPPED)
         return state.row
+    check_config(cfg)  # before any result is moved aside or any model is built
     reason = state.problem or "complete results, computed again because resume=false"
     aside = set_aside(out, reason)
     if aside is not None:
@@ -102,27 +161,57 @@ def prepare(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Run (or, on resume, skip) the job that Hydra composed; bad input exits non-zero with one
-    clear message.
+    clear message, and a failing job leaves `error.txt` and no results.
     """
     started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
-    kept = prepare(cfg, out)
-    if kept is not None:
-        return kept
-    # Captum warns on every call that inputs do not require grad and that it hooks activations.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
-    from harness.run import run_job  # torch and the models: only for jobs that run
-
     try:
+        kept = prepare(cfg, out)
+        if kept is not None:
+            return kept
+        # Captum warns on every call that inputs do not require grad and that it hooks activations.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+        from harness.run import run_job  # torch and the models: only for jobs that run
+
         return run_job(cfg, out, calibration_dir=shared_folder(hydra_cfg), started=started)
     except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            raise SystemExit(1) from None
-        # In a sweep the other jobs go on; ReportCallback names the failed ones and exits non-zero.
-        (out / ERROR_FILE).write_text(f"{e}\n")
-        return None
+        failed(out, message(e))
+    except Exception as e:  # noqa: BLE001 (a bug, here or in the model's code: said in one line)
+        where = out / ERROR_FILE
+        text = f"{type(e).__name__}: {_one_line(str(e))} (unexpected; the traceback is in {where})"
+        failed(out, text, traceback.format_exc())
+    return None
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def message(e: BaseException) -> str:
+    """One line for an error of bad input; Hydra's instantiation errors give their cause's."""
+    if isinstance(e, InstantiationException) and e.__cause__ is not None:
+        cause = e.__cause__
+        text = str(cause) if isinstance(cause, HarnessError) else f"{type(cause).__name__}: {cause}"
+        return _one_line(text)
+    return _one_line(str(e)) if isinstance(e, HarnessError) else _one_line(str(e)) or type(e).__name__
+
+
+def failed(out: Path, text: str, details: str | None = None) -> None:
+    """Log a failed job's message, remove what it wrote of its results (the folder held none when
+    it started: `prepare` moved them aside), and leave `error.txt`; outside a sweep, exit 1.
+    """
+    log.error("%s", text)
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ERROR_FILE).write_text(text + "\n" + (f"\n{details}" if details else ""))
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise SystemExit(1)
+    # In a sweep the other jobs go on; ReportCallback names the failed ones and exits non-zero.
 
 
 def shared_folder(hydra_cfg: Any) -> Path:
@@ -153,11 +242,17 @@ class ReportCallback(Callback):
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
+        RUNNING["sweep"] = str(config.hydra.sweep.dir)
         for old in Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"):  # of an earlier run
             old.unlink()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:  # noqa: D102
         sweep = Path(config.hydra.sweep.dir)
+        # Every job of the sweep has ended: a temporary left in a job folder is of a write killed in
+        # an earlier run (jobs that a resume skipped never start, so nothing else removes it).
+        for stale in sweep.glob("*/.*.tmp"):
+            log.info("removed %s/%s, left by an interrupted write", stale.parent.name, stale.name)
+            stale.unlink(missing_ok=True)
         if any(sweep.glob(f"*/{ROW_FILE}")):
             if report_is_current(sweep):
                 log.info("report of %s is up to date: no job ran since it was written", sweep)
@@ -167,8 +262,12 @@ class ReportCallback(Callback):
                 write_report(sweep)
             print(f"results: {sweep}/summary.md, {sweep}/report.html")
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
+        by_message: dict[str, list[str]] = {}
         for path in failed:
-            log.error("failed: %s: %s", path.parent.name, path.read_text().strip())
+            by_message.setdefault(_one_line(path.read_text()), []).append(path.parent.name)
+        for text, jobs in by_message.items():
+            more = f" and {len(jobs) - 1} more" if len(jobs) > 1 else ""
+            log.error("failed: %s%s: %s", jobs[0], more, text)
         if failed:
             log.error("%d job(s) failed; after fixing, run the same command with resume=true", len(failed))
             raise SystemExit(1)

@@ -51,6 +51,12 @@ def _json_value(v: Any) -> Any:
     return v
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Write a file through a temporary in the same folder and rename it into place, so that
     readers (and a job killed mid-write) see the old file or the whole new one, never a part.
@@ -60,6 +66,7 @@ def atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the results from the user's group
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -37,8 +37,68 @@ def digest(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Model settings that name a file of weights: its content, not its name, identifies the model.
+WEIGHT_KEYS = ("weights", "weights_path")
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def _cache_file() -> Path:
+    return (
+        Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "attribution-harness")
+        / "sha256.json"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, cached by (absolute path, size, modification time) in the
+    process and in `$HARNESS_CACHE/sha256.json`, so a large checkpoint is read once, and again only
+    when it changes.
+    """
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key in _SHA256:
+        return _SHA256[key]
+    cache_key = f"{key[0]}|{key[1]}|{key[2]}"
+    cache = _cache_file()
+    try:
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (ValueError, OSError):
+        saved = {}
+    if not isinstance(saved, dict):
+        saved = {}
+    if cache_key not in saved:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        saved[cache_key] = h.hexdigest()
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(saved))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only cache: the hash is computed again next time
+    _SHA256[key] = saved[cache_key]
+    return _SHA256[key]
+
+
+def weights_sha256(model: Any) -> str | None:
+    """The SHA-256 of the weights file that a model config names (`weights` or `weights_path`),
+    or None when it names none (random weights, an enum name, a package's own file).
+    """
+    for key in WEIGHT_KEYS:
+        value = model.get(key) if isinstance(model, dict) else None
+        if isinstance(value, str) and Path(value).expanduser().is_file():
+            return file_sha256(value)
+    return None
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the job's resolved config, less the keys in `NOT_HASHED`.
+    """Hash of the job's resolved config, less the keys in `NOT_HASHED`, and of the content of the
+    model's weights file (`weights_sha256`): a checkpoint overwritten at the same path is another
+    config.
 
     Example:
         >>> a = OmegaConf.create({"seed": 0, "resume": False, "method": {"steps": "${seed}"}})
@@ -48,7 +108,9 @@ def config_hash(cfg: DictConfig) -> str:
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
-    return digest({k: v for k, v in plain.items() if k not in NOT_HASHED})
+    what = {k: v for k, v in plain.items() if k not in NOT_HASHED}
+    sha = weights_sha256(plain.get("model"))
+    return digest(what if sha is None else what | {"weights_sha256": sha})
 
 
 @dataclass

@@ -19,7 +19,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from harness.calibration import Calibration, calibrate, settings
-from harness.data import Images
+from harness.data import Images, load_data
 from harness.device import SpeedOptions, available_memory, job_device, resolve_device
 from harness.errors import HarnessError
 from harness.measured import Measured, TimingSettings, kernels_table, measure_call
@@ -27,7 +27,7 @@ from harness.model_speed import ModelSpeed
 from harness.models import Classifier
 from harness.progress import Progress
 from harness.results import read_maps, write_files, write_row
-from harness.resume import complete_jobs, config_hash, digest
+from harness.resume import complete_jobs, config_hash, digest, weights_sha256
 from harness.rows import (
     breakdown,
     environment,
@@ -128,7 +128,9 @@ def build(
     options.apply_backend_flags()
     with clock("build"):
         clf: Classifier = instantiate(cfg.model)
-        data: Images = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
+        if _fill_model_defaults(cfg, clf):
+            metric_fns = _metric_functions(cfg)  # their blocks were `auto`
+        data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
         _check_model_and_data(cfg, metric_fns, traits, name, clf, data)
         needs = {n for f in metric_fns.values() for n in metric_traits(f).needs}
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
@@ -154,6 +156,20 @@ def build(
         cfg, device, options, clf, model, data, name, method, traits, metrics, declared, speed, calibration,
         folded, timing, clock, progress, trained,
     )  # fmt: skip
+
+
+def _fill_model_defaults(cfg: DictConfig, clf: Classifier) -> bool:
+    """Put what the builder chose for the model's `auto` settings (Grad-CAM's layer and layout, the
+    sanity checks' blocks) into the config, where the method and metric configs read them
+    (`${model.cam_layer}`, ...) and the row records them. Whether any was `auto`.
+    """
+    chosen = {"cam_layer": clf.cam_layer, "cam_layout": clf.cam_layout, "blocks": clf.blocks}
+    filled = False
+    for key, value in chosen.items():
+        if key in cfg.model and cfg.model[key] in ("auto", None):
+            cfg.model[key] = value
+            filled = True
+    return filled
 
 
 def _check_model_and_data(
@@ -258,16 +274,19 @@ def check_attributions(maps: Any, inputs: torch.Tensor, method: str) -> torch.Te
     return maps
 
 
-def explain_key(cfg: DictConfig, device: torch.device) -> str:
+def explain_key(cfg: DictConfig, device: torch.device, weights: bool = True) -> str:
     """Hash of what determines a job's maps: the model, data and method settings (less the chunk
-    size and the model's `blocks`, which change no map), the seed, the device type and the
-    precision. `phase=evaluate` finds the maps saved by an earlier sweep through it.
+    size and the model's `blocks`, which change no map), the content of the model's weights file
+    (unless `weights` is false), the seed, the device type and the precision. `phase=evaluate` finds
+    the maps saved by an earlier sweep through it.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     method = {k: v for k, v in plain["method"].items() if k != "chunk_size"}
     model = {k: v for k, v in plain["model"].items() if k != "blocks"}  # the sanity checks' stages
     what = {"model": model, "data": plain["data"], "method": method, "seed": plain["seed"]}
+    sha = weights_sha256(plain["model"]) if weights else None
+    what |= {} if sha is None else {"weights_sha256": sha}
     return digest(what | {"device": device.type, "precision": plain["device"]["precision"]})
 
 
@@ -279,7 +298,9 @@ def _complete_jobs(root: Path) -> list[tuple[Path, dict[str, Any]]]:
     return complete_jobs(root)
 
 
-def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
+def saved_maps(
+    cfg: DictConfig, key: str, device: torch.device
+) -> tuple[Path, dict[str, Any], dict[str, np.ndarray]]:
     """The folder, row and arrays of the job in `cfg.maps_from` whose maps this job scores."""
     if not cfg.get("maps_from"):
         raise HarnessError("phase=evaluate needs maps_from=<folder of a sweep run with save_maps=true>")
@@ -288,6 +309,16 @@ def saved_maps(cfg: DictConfig, key: str) -> tuple[Path, dict[str, Any], dict[st
         raise HarnessError(f"maps_from={root}: no such folder; expected the folder of an earlier sweep")
     jobs = _complete_jobs(root)
     found = [(folder, row) for folder, row in jobs if row.get("explain_key") == key]
+    other = [
+        r for _, r in jobs if r.get("explain_key_any_weights") == explain_key(cfg, device, weights=False)
+    ]
+    if not found and other:
+        ours = weights_sha256(OmegaConf.to_container(cfg.model, resolve=True))
+        raise HarnessError(
+            f"maps_from={root} holds maps of {other[0]['model']} with weights sha256 "
+            f"{other[0].get('weights_sha256')}; this job's weights ({cfg.model.get('weights')}) have sha256 "
+            f"{ours}: the checkpoint changed since those maps were made; run phase=all"
+        )
     if not found:
         model = cfg.model.get("arch") or _function_name(cfg.model)
         this = f"{model}/{_function_name(cfg.data)}/{_function_name(cfg.method)} seed {cfg.seed}"
@@ -324,11 +355,15 @@ def run_job(
     config = config_hash(cfg)  # before build() fills in the chosen chunk sizes
     with job_device(resolve_device(cfg.device.name)) as device:
         key = explain_key(cfg, device)
-        source = saved_maps(cfg, key) if cfg.phase == "evaluate" else None
+        source = saved_maps(cfg, key, device) if cfg.phase == "evaluate" else None
+        weights = {  # what identifies the weights, before build() fills in the model's `auto` settings
+            "weights_sha256": weights_sha256(OmegaConf.to_container(cfg.model, resolve=True)),
+            "explain_key_any_weights": explain_key(cfg, device, weights=False),
+        }
         job = build(cfg, device, calibration_dir, clock)
         log.info("%s: started", _label(job))
         with job.progress:
-            row = _run(job, out, config, key, source)
+            row = _run(job, out, config, key, source, weights)
         fields = [
             field_name(m, k)
             for m, r in job.metric_traits.items()
@@ -352,6 +387,7 @@ def _run(
     config: str,
     key: str,
     source: tuple[Path, dict[str, Any], dict[str, np.ndarray]] | None,
+    weights: dict[str, Any],
 ) -> dict[str, Any]:
     cfg, dev, seed, opts = job.cfg, job.device, int(job.cfg.seed), job.options
     eager = job.classifier.module
@@ -368,7 +404,9 @@ def _run(
         maps, target, method_fields = _reuse(job, source)
     results = {name: _score(job, name, x, maps, target, measured) for name in job.metrics}
     row = (
-        job_fields(job, config, key, None if source is None else source[0], target, measured) | method_fields
+        job_fields(job, config, key, None if source is None else source[0], target, measured)
+        | weights
+        | method_fields
     )
     for name, result in results.items():
         better = job.metric_traits[name].better

@@ -47,15 +47,21 @@ TINY_SHAPES = [
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options_instantiate(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
-    cfg = cfg_with(f"model={name}", *(TINY_SHAPES if name == "shapes_cnn" else []))
+    extra = {
+        "shapes_cnn": TINY_SHAPES,
+        "custom": ["model.builder=harness.models.SmallCNN", "model.input_size=32"],
+    }
+    cfg = cfg_with(f"model={name}", *extra.get(name, []))
     clf = instantiate(cfg.model)
-    assert clf.name == name  # naming rule: config stem == value in the row
+    # naming rule: config stem == value in the row, but for the configs of many architectures
+    assert clf.name == {"torchvision": "resnet18", "timm": "resnet18", "custom": "SmallCNN"}.get(name, name)
     assert not clf.module.training
-    assert clf.pretrained == (name in ("efficientnet_lite0", "shapes_cnn"))
+    assert clf.pretrained == (name in ("efficientnet_lite0", "shapes_cnn"))  # custom, torchvision: random
     clf.module.get_submodule(clf.cam_layer)
     from metrics.sanity import blocks_modules
 
-    assert len(blocks_modules(clf.module, clf.blocks)) == len(cfg.model.blocks) >= 3  # names that exist
+    given = clf.blocks if cfg.model.blocks == "auto" else cfg.model.blocks
+    assert len(blocks_modules(clf.module, clf.blocks)) == len(given) >= 3  # names that exist
     with torch.no_grad():
         logits = clf.module(torch.zeros(1, 3, clf.input_size, clf.input_size))
     assert logits.shape == (1, len(clf.class_names))

@@ -26,9 +26,9 @@ def write_folder(root: Path, classes: dict[str, list[tuple[int, int, int]]]) -> 
 
 def test_image_folder_reads_classes_labels_and_normalises(tmp_path):
     write_folder(tmp_path, {"n02": [(255, 0, 0)], "n01": [(0, 0, 255), (0, 255, 0)]})
-    data = image_folder(str(tmp_path), size=16, mean=MEAN, std=STD)
+    data = image_folder(str(tmp_path), size=16, mean=MEAN, std=STD, class_names=["n00", "n01", "n02"])
     assert data.ids == ["n01/img0.png", "n01/img1.jpg", "n02/img0.png"]
-    assert data.labels.tolist() == [0, 0, 1]  # sorted folder order, as ImageNet's wnids
+    assert data.labels.tolist() == [1, 1, 2]  # the model's classes of those names
     # blue image: channel values (0, 0, 1) normalised -> (-2, -2, 2)
     torch.testing.assert_close(data.images[0, :, 8, 8], torch.tensor([-2.0, -2.0, 2.0]))
     assert image_folder(str(tmp_path), 16, MEAN, STD, num_images=2).images.shape == (2, 3, 16, 16)

@@ -213,7 +213,7 @@ def test_single_run_with_image_folder(tmp_path):
     [
         (["method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
         (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
-        (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, efficientnet_lite0,"),
+        (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, custom, efficientnet_lite0,"),
         (
             ["metric=[deletions]"],
             "unknown metric 'deletions'; available: complexity, deletion, energy_pointing_game, infidelity,",

@@ -25,6 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from harness.data import load_data
 from harness.device import SpeedOptions, available_memory, image_memory, resolve_device
 from harness.errors import HarnessError
 from harness.inspect import figures, pictures
@@ -154,7 +155,7 @@ def run(cfg: DictConfig, staging: Path) -> list[str]:
     device = resolve_device(cfg.device.name)
     torch.manual_seed(int(cfg.seed))
     clf = instantiate(cfg.model)
-    data = instantiate(cfg.data, size=clf.input_size, mean=clf.mean, std=clf.std)
+    data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
     n = min(int(cfg.images), len(data.ids))
     x, ids = data.images[:n].to(device), list(data.ids[:n])
     model = clf.module.to(device).eval()  # as loaded: the weights shown are the model's own

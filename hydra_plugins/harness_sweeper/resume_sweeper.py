@@ -28,6 +28,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from harness.checks import check_config
+from harness.errors import HarnessError
 from harness.resume import SKIPPED, job_state
 from hydra_plugins.harness_sweeper.composer import JobComposer
 
@@ -60,13 +62,32 @@ def plan(composer: JobComposer, jobs: list[list[str]]) -> tuple[list[list[str]],
     Composing each job here also checks it before any is launched, as BasicSweeper does.
     """
     todo, skipped = [], []
+    bad: dict[str, list[str]] = {}
+    n_bad = 0
     for job in jobs:
-        folder = finished(composer.compose(job), composer.reads_hydra(job))
+        cfg = composer.compose(job)
+        folder = finished(cfg.copy(), composer.reads_hydra(job))
         if folder is None:
+            try:  # a job that runs: its settings checked (a finished one had them right)
+                check_config(cfg)
+            except HarnessError as e:
+                bad.setdefault(str(e), job)
+                n_bad += 1
+                continue
             todo.append(job)
         else:
             skipped.append(folder)
+    if bad:
+        raise BadSweep(bad, n_bad, len(jobs))
     return todo, skipped
+
+
+class BadSweep(HarnessError):
+    """Jobs of a sweep whose settings are wrong, found before any job is launched."""
+
+    def __init__(self, bad: dict[str, list[str]], n_bad: int, jobs: int) -> None:
+        self.bad, self.n_bad, self.jobs = bad, n_bad, jobs
+        super().__init__(next(iter(bad)))
 
 
 class ResumeSweeper(BasicSweeper):
@@ -80,12 +101,18 @@ class ResumeSweeper(BasicSweeper):
         params = self._parse_config() + list(arguments)  # `hydra.sweeper.params`, then the command line
         overrides = OverridesParser.create(config_loader=loader).parse_overrides(params)
         sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         assert isinstance(loader, ConfigLoaderImpl)
-        todo, skipped = plan(JobComposer(loader, self.config), jobs)
+        try:
+            todo, skipped = plan(JobComposer(loader, self.config), jobs)
+        except BadSweep as e:  # one line per distinct problem, before any job or folder is made
+            for text, job in list(e.bad.items())[:10]:
+                where = f" (job {','.join(job)})" if len(e.bad) > 1 else ""
+                log.error("error: %s%s", text, where)
+            log.error("nothing was run: %d of the sweep's %d job(s) have bad settings", e.n_bad, e.jobs)
+            raise SystemExit(2) from None
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         _log_plan(len(jobs), sweep_dir, len(todo), skipped)
         returns: list[Sequence[JobReturn]] = []
         size = self.max_batch_size or max(1, len(todo))

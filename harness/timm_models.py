@@ -1,0 +1,132 @@
+"""Any timm architecture (`model=timm`), an optional extra: `pip install -e '.[timm]'`.
+
+Weights come from a local file (any checkpoint `harness.weights` reads) or, with
+`weights: pretrained`, from timm's local Hugging Face cache with the hub set offline: the harness
+never downloads. Grad-CAM's layer: a ViT's (or DeiT's) last block's first norm (tokens), a Swin's
+last stage (`[B, H, W, C]`), otherwise the last convolution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    _first_line,
+    _model_facts,
+    _prepare,
+    class_names_from,
+    default_cam_layer,
+    seeded,
+)
+from harness.weights import load_weights
+
+# Families whose input size is built into the model (patch grids, windows): built for `input_size`.
+SIZED = ("vit", "deit", "swin", "eva", "beit", "cait", "xcit")
+
+
+def _cam(arch: str, module: nn.Module) -> tuple[str, str]:
+    if arch.startswith(("vit", "deit")) and hasattr(module, "blocks"):
+        return f"blocks.{len(module.blocks) - 1}.norm1", "tokens"
+    if arch.startswith("swin") and hasattr(module, "layers"):
+        return f"layers.{len(module.layers) - 1}", "nhwc"
+    return default_cam_layer(arch, module, families=False)
+
+
+@contextlib.contextmanager
+def _offline() -> Iterator[None]:
+    """The Hugging Face hub offline inside the block (its environment variable, and its constant,
+    which it read when imported), as it was outside.
+    """
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    before = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def timm_classifier(
+    arch: str,
+    weights: str | None = None,
+    weights_key: str | None = None,
+    weights_prefix: str | None = None,
+    num_classes: int = 1000,
+    input_size: int = 224,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    cam_layer: str | None = "auto",
+    cam_layout: str | None = "auto",
+    blocks: list[str | list[str]] | str | None = "auto",
+    class_names: str | None = None,
+    seed: int = 0,
+) -> Classifier:
+    """A timm model by name (`timm.list_models()`), random weights drawn from `seed`, then loaded
+    from `weights` (a checkpoint file, or `pretrained` for timm's own weights from the local cache).
+    """
+    try:
+        import timm
+    except ImportError:
+        raise HarnessError("model=timm needs the timm package: pip install -e '.[timm]'") from None
+    known = timm.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(str(arch), known, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise HarnessError(f"model.arch={arch!r} is not a timm model; {hint}timm.list_models() lists them")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise HarnessError(f"model.num_classes={num_classes!r}; expected a positive number of classes")
+    extra: dict[str, Any] = {"img_size": input_size} if arch.startswith(SIZED) else {}
+    pretrained = weights == "pretrained"
+    try:
+        with _offline(), seeded(seed):
+            module = timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **extra)
+    except Exception as e:  # noqa: BLE001 (timm and the hub raise many types)
+        why = (
+            "its pretrained weights are not in the local Hugging Face cache"
+            if pretrained
+            else "it cannot be built"
+        )
+        raise HarnessError(
+            f"model=timm model.arch={arch}: {why} ({type(e).__name__}: {_first_line(e)}); give "
+            "model.weights=<checkpoint file>"
+        ) from None
+    if weights is not None and not pretrained:
+        load_weights(module, str(weights), key=weights_key, prefix=weights_prefix, name=arch)
+    if cam_layer in (None, "auto"):
+        layer, layout = _cam(arch, module)
+        cam_layer, cam_layout = layer, layout if cam_layout in (None, "auto") else cam_layout
+    layer, layout, stages = _model_facts(module, arch, cam_layer, cam_layout, blocks, families=False)
+    return Classifier(
+        module=_prepare(module),
+        name=arch,
+        input_size=input_size,
+        mean=tuple(mean),
+        std=tuple(std),
+        cam_layer=layer,
+        cam_layout=layout,
+        class_names=class_names_from(class_names, num_classes),
+        pretrained=weights is not None,
+        seed=None if weights is not None else seed,
+        blocks=stages,
+    )

@@ -1,0 +1,261 @@
+"""Bad input, as a new user gives it: each case exits non-zero with one clear line that names the bad
+value and what would be right, prints no traceback, and leaves no result file behind.
+
+The commands run through one `CliServer` (forked children of a process that imported the harness
+once), a fraction of a second each instead of five.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.cli_server import CliServer
+
+# What a job writes; none may be left by a failing command.
+RESULT_FILES = (
+    "run.json",
+    "curves.csv",
+    "scores.csv",
+    "kernels.csv",
+    "attributions.npz",
+    "summary.csv",
+    "report.html",
+)
+
+
+class WholeModule(nn.Module):
+    """Saved whole (`torch.save(model)`), which weights-only loading refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """The files the cases point at: images, checkpoints, class-name files, a module of models."""
+    from PIL import Image
+
+    from harness.models import small_cnn
+
+    root = tmp_path_factory.mktemp("bad")
+    for cls, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (root / "data" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), colour).save(root / "data" / cls / "a.png")
+    (root / "empty").mkdir()
+    (root / "noimages" / "cat").mkdir(parents=True)
+    (root / "noimages" / "cat" / "notes.txt").write_text("no image here")
+    (root / "corrupt" / "cat").mkdir(parents=True)
+    (root / "corrupt" / "cat" / "x.png").write_text("not a png")
+    state = small_cnn(num_classes=10).module.state_dict()
+    torch.save(small_cnn(num_classes=2).module.state_dict(), root / "two_classes.bin")
+    torch.save({k: v for k, v in state.items() if not k.startswith("classifier")}, root / "partial.pt")
+    torch.save(WholeModule(), root / "whole.pt")
+    torch.save([1, 2, 3], root / "list.pt")
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, root / "nostate.pt")
+    torch.save({"state_dict": state}, root / "lightning.ckpt")
+    (root / "text.pt").write_text("these are not weights\n")
+    (root / "truncated.pt").write_bytes((root / "lightning.ckpt").read_bytes()[:2000])
+    (root / "three.txt").write_text("a\nb\nc\n")
+    (root / "a_file").write_text("x")
+    (root / "mynets_bad.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def not_a_module(**kwargs):\n    return 3\n\n"
+        "class Flat(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 2, 3)\n"
+        "    def forward(self, x):\n        return self.conv(x).mean(dim=(1, 2, 3))\n\n"
+        "class Breaks(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 2, 3)\n"
+        "    def forward(self, x):\n"
+        "        if x.shape[0] > 1 or x.requires_grad:\n"
+        "            raise RuntimeError('boom in the model')\n"
+        "        return self.conv(x).mean(dim=(2, 3))\n"
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    server = CliServer(tmp_path_factory.mktemp("cli"))
+    yield server
+    server.close()
+
+
+SMALL = ["model=small_cnn", "device=cpu", "data.num_images=1", "method=saliency", "metric=[deletion]"]
+CUSTOM = ["model=custom", "model.input_size=32", "device=cpu", "method=saliency", "metric=[deletion]"]
+FOLDER = ["data=image_folder", "data.root={d}/data"]
+
+# (id, arguments, the message's text) of `python -m harness -m <arguments>`; `{d}` is the folder of
+# the files above. The ids say where the bad value is.
+CASES = [
+    # Config values: types, ranges, allowed strings, unknown keys.
+    ("value/occlusion-window-text", ["model=small_cnn", "device=cpu", "method=occlusion", "method.window=abc"], "method.window='abc'; expected an integer"),
+    ("value/occlusion-window-stride", ["model=small_cnn", "device=cpu", "data.num_images=1", "method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
+    ("value/metric-empty", ["model=small_cnn", "device=cpu", "metric=[]"], "no metric selected (metric is empty); use e.g. metric=[deletion,insertion]"),
+    ("value/typo-key-added", [*SMALL[:3], "method=rise", "+method.n_mask=10"], "method.n_mask is not a setting of rise; did you mean method.n_masks?"),
+    ("value/model-typo-key", [*SMALL, "+model.widht=8"], "model.widht is not a setting of small_cnn; did you mean model.width?"),
+    ("value/model-width-text", [*SMALL, "model.width=wide"], "model.width='wide'; expected an integer"),
+    ("value/metric-steps-text", [*SMALL, "metric.deletion.steps=many"], "metric.deletion.steps='many'; expected an integer"),
+    ("value/smoothgrad-noise-text", [*SMALL[:3], "method=smoothgrad", "method.noise_level=loud"], "method.noise_level='loud'; expected a number"),
+    ("value/unknown-method", [*SMALL[:3], "method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
+    ("value/unknown-model", ["model=resnet19", "device=cpu"], "unknown model 'resnet19'; available: alexnet, custom,"),
+    ("value/unknown-data", ["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
+    ("value/precision", [*SMALL, "device.precision=fp8"], "device.precision='fp8'"),
+    ("value/memory-budget", [*SMALL, "device.memory_budget=2"], "device.memory_budget=2; expected a fraction of free memory in (0, 1]"),
+    ("value/batch-size", [*SMALL, "device.batch_size=0"], "device.batch_size=0; expected null (chosen) or a positive number"),
+    ("value/timing-repeats", [*SMALL, "timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
+    ("value/timing-key", [*SMALL, "+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
+    ("value/phase", [*SMALL, "phase=train"], "phase='train'; expected one of all, evaluate"),
+    ("value/evaluate-without-maps", [*SMALL, "phase=evaluate"], "phase=evaluate needs maps_from=<folder of a sweep run with save_maps=true>"),
+    ("value/road-imputation", [*SMALL, "metric=[road]", "metric.road.imputation=gain"], "metric.road: imputation='gain'; expected one of"),
+    ("value/torchvision-arch", ["model=torchvision", "model.arch=resnet19", "device=cpu", "method=saliency", "metric=[deletion]"], "model.arch='resnet19' is not a torchvision classification model; did you mean resnet18"),
+    ("value/torchvision-weights-name", ["model=torchvision", "model.weights=IMAGENET1K_V9", "model.input_size=32", "device=cpu", "method=saliency", "metric=[deletion]"], "model.weights='IMAGENET1K_V9' is neither a file nor a weights name of resnet18; expected a checkpoint path or one of IMAGENET1K_V1, DEFAULT"),
+    ("value/cam-layout", ["model=torchvision", "model.cam_layout=diagonal", "model.input_size=32", "device=cpu", "method=grad_cam", "metric=[deletion]"], "model.cam_layout='diagonal'; expected auto, nchw, nhwc, tokens"),
+    ("value/cam-layer", ["model=torchvision", "model.cam_layer=layer9", "model.input_size=32", "device=cpu", "method=grad_cam", "metric=[deletion]"], "model.cam_layer='layer9' is not a module of resnet18; its top-level modules: conv1, bn1,"),
+    ("value/num-classes", ["model=torchvision", "model.num_classes=0", "device=cpu", "method=saliency", "metric=[deletion]"], "model.num_classes=0; expected a positive number of classes"),
+    ("value/blocks", [*SMALL, "metric=[model_randomisation]", "metric.model_randomisation.blocks=[features.0,layer9]"], "metric.model_randomisation: block 'layer9' is not a module of the model"),
+    ("value/ground-truth", [*SMALL, "metric=[pointing_game]"], "metric pointing_game needs ground truth"),
+    # Your own model.
+    ("model/builder-missing", CUSTOM, "model.builder is required; give model.builder=<value>"),
+    ("model/builder-not-importable", [*CUSTOM, "model.builder=nosuchpackage.Net"], "model.builder='nosuchpackage.Net' cannot be imported (No module named 'nosuchpackage')"),
+    ("model/builder-not-a-module", [*CUSTOM, "model.builder=mynets_bad.not_a_module"], "model.builder='mynets_bad.not_a_module' returned a int; expected an nn.Module"),
+    ("model/builder-bad-args", [*CUSTOM, "model.builder=mynets_bad.Flat", "+model.args.depth=3"], "model.builder='mynets_bad.Flat' refused model.args={'depth': 3}"),
+    ("model/builder-no-logits", [*CUSTOM, "model.builder=mynets_bad.Flat"], "model Flat returns [1]; expected logits [batch, classes]"),
+    ("model/num-classes-differ", [*CUSTOM, "model.builder=harness.models.SmallCNN", "model.num_classes=3"], "model.num_classes=3 but model SmallCNN returns 10 logits"),
+    ("model/class-names-count", ["model=torchvision", "model.num_classes=10", "model.input_size=32", "model.class_names={d}/three.txt", "device=cpu", "method=saliency", "metric=[deletion]"], "model.class_names='{d}/three.txt' has 3 names; the model has 10 classes"),
+    ("model/class-names-small-cnn", [*SMALL, "+model.class_names={d}/three.txt"], "model.class_names is not a setting of small_cnn;"),
+    # Paths.
+    ("path/data-root-missing", ["model=small_cnn", "device=cpu", "data=image_folder"], "data.root is required; give data.root=<value>"),
+    ("path/data-root-nonexistent", [*SMALL, "data=image_folder", "data.root=/no/such/folder"], "data.root='/no/such/folder': no such file or folder; expected a folder of class subfolders"),
+    ("path/data-root-is-file", [*SMALL, "data=image_folder", "data.root={d}/a_file"], "is a file; expected a folder of class subfolders"),
+    ("path/data-root-empty", [*SMALL, "data=image_folder", "data.root={d}/empty"], "has no class subfolders"),
+    ("path/data-root-no-images", [*SMALL, "data=image_folder", "data.root={d}/noimages"], "has no images"),
+    ("path/classes-missing", [*SMALL, *FOLDER, "data.classes={d}/nosuch.txt"], "data.classes='{d}/nosuch.txt': no such file or folder"),
+    ("path/boxes-missing", [*SMALL, *FOLDER, "data.boxes={d}/nosuch.csv"], "data.boxes='{d}/nosuch.csv': no such file or folder"),
+    ("path/class-names-missing", ["model=torchvision", "model.class_names={d}/nosuch.txt", "device=cpu", "method=saliency", "metric=[deletion]"], "model.class_names='{d}/nosuch.txt': no such file or folder"),
+    ("path/maps-from-missing", [*SMALL, "phase=evaluate", "maps_from={d}/nosuch"], "maps_from={d}/nosuch: no such folder; expected the folder of an earlier sweep"),
+    # Images.
+    ("image/corrupt", [*SMALL, "data=image_folder", "data.root={d}/corrupt"], "cannot read image '{d}/corrupt/cat/x.png'"),
+    # Checkpoints.
+    ("weights/missing", [*SMALL, "model.weights={d}/nosuch.pt"], "model.weights='{d}/nosuch.pt': no such file or folder; expected a checkpoint file"),
+    ("weights/folder", [*SMALL, "model.weights={d}/empty"], "model.weights='{d}/empty' is a folder; expected a checkpoint file"),
+    ("weights/text-file", [*SMALL, "model.weights={d}/text.pt"], "model.weights='{d}/text.pt' is not a PyTorch checkpoint"),
+    ("weights/truncated", [*SMALL, "model.weights={d}/truncated.pt"], "model.weights='{d}/truncated.pt' is not a PyTorch checkpoint"),
+    ("weights/two-classes", [*SMALL, "model.weights={d}/two_classes.bin"], "the file has 2 classes, the model 10: set model.num_classes=2"),
+    ("weights/missing-keys", [*SMALL, "model.weights={d}/partial.pt"], "2 keys of the model missing from the file (classifier.weight, classifier.bias)"),
+    ("weights/whole-module", [*SMALL, "model.weights={d}/whole.pt"], "holds Python objects besides tensors"),
+    ("weights/a-list", [*SMALL, "model.weights={d}/list.pt"], "holds a list; expected a state dict"),
+    ("weights/no-state-dict", [*SMALL, "model.weights={d}/nostate.pt"], "holds no state dict under any of state_dict,"),
+    ("weights/key", [*CUSTOM, "model.builder=harness.models.SmallCNN", "model.weights={d}/lightning.ckpt", "model.weights_key=ema"], "model.weights_key='ema' is not in '{d}/lightning.ckpt'; its keys: state_dict"),
+    ("weights/prefix", [*CUSTOM, "model.builder=harness.models.SmallCNN", "model.weights={d}/lightning.ckpt", "model.weights_prefix=net."], "model.weights_prefix='net.': no key of '{d}/lightning.ckpt' starts with it; its keys start with classifier., features."),
+    ("weights/efficientnet-both", ["model.weights={d}/lightning.ckpt", "+model.weights_path={d}/lightning.ckpt", "device=cpu", "method=saliency"], "model.weights and model.weights_path are the same setting; give one"),
+    # Output folders.
+    ("output/is-a-file", [*SMALL, "hydra.sweep.dir={d}/a_file"], "output folder '{d}/a_file' is a file; expected a folder"),
+    ("output/under-a-file", [*SMALL, "hydra.sweep.dir={d}/a_file/sweep"], "output folder '{d}/a_file/sweep' lies under the file {d}/a_file"),
+    ("output/unwritable", [*SMALL, "hydra.sweep.dir=/proc/harness-sweep"], "output folder '/proc/harness-sweep' cannot be written"),
+]  # fmt: skip
+
+
+def _left(folder: Path) -> list[Path]:
+    return [p for name in RESULT_FILES for p in folder.rglob(name)] + list(folder.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("case, args, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exits_with_one_line_and_leaves_nothing(cli, files, tmp_path, case, args, message):
+    args = [a.replace("{d}", str(files)) for a in args]
+    message = message.replace("{d}", str(files))
+    sweep = tmp_path / "sweep"
+    given = [a for a in args if a.startswith("hydra.sweep.dir=")]
+    r = cli.run("harness", "-m", *args, *([] if given else [f"hydra.sweep.dir={sweep}"]), path=[str(files)])
+    assert r.returncode != 0, r.output
+    assert "Traceback" not in r.output, r.output
+    lines = [ln for ln in r.output.splitlines() if message in ln]
+    assert lines, f"{message!r} not in:\n{r.output}"
+    assert len(lines[0]) < 600, lines[0]  # one line, not a dump
+    assert _left(tmp_path) == [] and _left(files) == []
+    for job in sweep.glob("*/") if sweep.is_dir() else []:  # a job that started and failed says why
+        if (job / ".hydra").is_dir():
+            assert (job / "error.txt").is_file(), sorted(p.name for p in job.iterdir())
+
+
+def test_cases_number_at_least_forty():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_report_refuses_a_file_as_output_and_a_missing_sweep(cli, files, tmp_path):
+    r = cli.run("harness.report", str(files / "data"), "--out", str(files / "a_file"))
+    assert r.returncode == 2 and f"--out {files / 'a_file'} is a file; expected a folder" in r.output
+    r = cli.run("harness.report", str(tmp_path / "nosuch"))
+    assert r.returncode == 2 and f"not a folder: {tmp_path / 'nosuch'}" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_error_txt(cli, files, tmp_path):
+    """A model whose forward raises in the middle of a job: one line on the console naming the error
+    and where its traceback is, `error.txt` holding both, no result files, a non-zero exit.
+    """
+    r = cli.run(
+        "harness", "-m", *CUSTOM, "model.builder=mynets_bad.Breaks", "data.num_images=2",
+        f"hydra.sweep.dir={tmp_path}", path=[str(files)],
+    )  # fmt: skip
+    assert r.returncode == 1, r.output
+    assert "RuntimeError: boom in the model (unexpected; the traceback is in" in r.output
+    assert "Traceback" not in r.output
+    (error,) = tmp_path.glob("*/error.txt")
+    assert "boom in the model" in error.read_text() and "Traceback" in error.read_text()
+    assert _left(tmp_path) == []
+
+
+def test_ctrl_c_ends_the_sweep_with_how_to_resume_and_resume_finishes_it(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *SMALL[:3],
+        "method=rise",
+        "seed=0,1",
+        "method.n_masks=3000",
+        "metric=[deletion]",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    r = cli.run("harness", *args, cwd=tmp_path, interrupt_when="sweep/*/run.json")
+    assert r.returncode == 130, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last == (
+        "interrupted: finished jobs are kept; to finish the sweep, run python -m harness "
+        f"<the same arguments> hydra.sweep.dir={sweep} resume=true"
+    ), r.output
+    assert "Traceback" not in r.output
+    done = [p.parent.name for p in sweep.glob("*/run.json")]
+    assert len(done) == 1 and not list(sweep.rglob(".*.tmp"))
+    r = cli.run("harness", *args, "resume=true")
+    assert r.returncode == 0, r.output
+    assert f"sweep of 2 job(s) into {sweep}: 1 to run, 1 skipped" in r.output
+    assert len(list(sweep.glob("*/run.json"))) == 2
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_result_files_follow_the_umask(cli, tmp_path, umask, mode):
+    r = cli.run("harness", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}", umask=umask)
+    assert r.returncode == 0, r.output
+    written = [p for name in RESULT_FILES for p in tmp_path.rglob(name)]
+    assert len(written) == len(RESULT_FILES)
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(mode)}
+
+
+def test_resume_removes_stale_temporary_files(cli, tmp_path):
+    r = cli.run("harness", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0, r.output
+    (job,) = [p.parent for p in tmp_path.glob("*/run.json")]
+    stale = [tmp_path / ".deletion.png.x1y2.tmp", job / ".curves.csv.a1b2.tmp"]
+    for p in stale:
+        p.write_text("left by a killed write")
+    r = cli.run("harness", "-m", *SMALL, f"hydra.sweep.dir={tmp_path}", "resume=true")
+    assert r.returncode == 0 and "1 skipped" in r.output, r.output
+    assert [p for p in stale if p.exists()] == []
+    row = json.loads((job / "run.json").read_text())
+    assert row["method"] == "saliency"
