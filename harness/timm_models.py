@@ -3,7 +3,8 @@
 Weights come from a local file (any checkpoint `harness.weights` reads) or, with
 `weights: pretrained`, from timm's local Hugging Face cache with the hub set offline: the harness
 never downloads. Grad-CAM's layer: a ViT's (or DeiT's) last block's first norm (tokens), a Swin's
-last stage (`[B, H, W, C]`), otherwise the last convolution.
+last stage (`[B, H, W, C]`), otherwise the last of the model's feature stages (`feature_info`), or
+the last convolution.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _cam(arch: str, module: nn.Module) -> tuple[str, str]:
         return f"blocks.{len(module.blocks) - 1}.norm1", "tokens"
     if arch.startswith("swin") and hasattr(module, "layers"):
         return f"layers.{len(module.layers) - 1}", "nhwc"
+    info = getattr(module, "feature_info", None)  # timm's own list of its feature stages
+    if info and isinstance(info[-1], dict) and info[-1].get("module"):
+        # The last stage's output (a ResNet's layer4): its last convolution may feed a BatchNorm
+        # that timm starts at zero (zero_init_last), whose gradients would then all be zero.
+        return str(info[-1]["module"]), "nchw"
     return default_cam_layer(arch, module, families=False)
 
 

@@ -34,13 +34,14 @@ def _serve() -> None:  # pragma: no cover (runs in the server process)
     import traceback
 
     import harness.app
-    import harness.inspect.app  # noqa: F401 (imported once, for the children)
+    import harness.inspect.app
     import harness.report.__main__
     import harness.run  # noqa: F401
 
     entry = {
         "harness": harness.app.cli,
         "harness.report": lambda: harness.report.__main__.main(sys.argv[1:]),
+        "harness.inspect": harness.inspect.app.main,
     }
     for line in sys.stdin:
         req = json.loads(line)

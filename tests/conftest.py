@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,3 +59,21 @@ def images() -> torch.Tensor:
 
 def method_configs() -> list[str]:
     return sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
+
+
+_SERVER: list = []
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in the repository, through one `CliServer` for the whole session
+    (the harness imported once, each command a forked child): like `subprocess.run`, with what the
+    command printed, stdout and stderr together, as both `stdout` and `stderr`.
+    """
+    from tests.cli_server import CliServer
+
+    if not _SERVER:
+        folder = Path(tempfile.mkdtemp(prefix="harness-cli-"))
+        _SERVER.append(CliServer(folder))
+        atexit.register(_SERVER[0].close)
+    r = _SERVER[0].run(module, *args, env=dict(os.environ))
+    return subprocess.CompletedProcess([module, *args], r.returncode, r.output, r.output)

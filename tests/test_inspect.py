@@ -18,7 +18,7 @@ from harness.inspect import pictures
 from harness.inspect.actmax import Ascent, Objective, lp_penalty, maximise, penalty_gradient, total_variation
 from harness.inspect.layers import class_index
 from methods import guided_backprop, saliency
-from tests.conftest import REPO, PatchDetector
+from tests.conftest import REPO, PatchDetector, run_cli
 
 CPU = torch.device("cpu")
 GREY = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # mean and std: pixels in [0, 1] to [-2, 2]
@@ -165,10 +165,7 @@ def test_a_class_is_found_by_index_or_by_one_name():
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "harness.inspect", "model=small_cnn", "device=cpu", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_cli("harness.inspect", "model=small_cnn", "device=cpu", *args)
 
 
 @pytest.mark.slow

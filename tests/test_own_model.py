@@ -320,7 +320,7 @@ def test_an_overwritten_checkpoint_is_run_again_and_its_old_maps_are_refused(cli
 @pytest.mark.parametrize(
     "arch, size, cam",
     [
-        ("resnet18", 32, ("layer4.1.conv2", "nchw")),
+        ("resnet18", 32, ("layer4", "nchw")),
         ("vit_tiny_patch16_224", 32, ("blocks.11.norm1", "tokens")),
     ],
 )

@@ -12,8 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from PIL import Image
 from harness.report.browser import find_chromium
 from harness.report.examples import THUMB, _outline, _status, _top, overlay
 from harness.report.page import _cell, _clean
-from tests.conftest import REPO
+from tests.conftest import run_cli
 
 METHODS = ["random", "saliency"]
 # What the page shows comes from each job's scores.csv. The test sets the labels and predictions there
@@ -88,10 +86,9 @@ def test_status_top5_and_json_safety():
 def sweep(tmp_path_factory) -> Path:
     """A real sweep (the small CNN, random and saliency on four photos), its scores set to `KNOWN`."""
     folder = tmp_path_factory.mktemp("page") / "sweep"
-    r = subprocess.run(
-        [sys.executable, "-m", "harness", "-m", "model=small_cnn", f"method={','.join(METHODS)}",
-         "data.num_images=4", "device=cpu", "timing.profile=false", f"hydra.sweep.dir={folder}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+    r = run_cli(
+        "harness", "-m", "model=small_cnn", f"method={','.join(METHODS)}", "data.num_images=4", "device=cpu",
+        "timing.profile=false", f"hydra.sweep.dir={folder}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     for scores_file in folder.glob("*/scores.csv"):
@@ -105,9 +102,7 @@ def sweep(tmp_path_factory) -> Path:
         row = json.loads(row_file.read_text())
         row["files"]["scores.csv"] = scores_file.stat().st_size
         row_file.write_text(json.dumps(row))
-    r = subprocess.run(
-        [sys.executable, "-m", "harness.report", str(folder)], cwd=REPO, capture_output=True, text=True
-    )
+    r = run_cli("harness.report", str(folder))
     assert r.returncode == 0, r.stderr
     return folder
 
@@ -204,15 +199,16 @@ def test_the_page_loads_in_chromium_and_its_filters_work(chromium, sweep):
 def test_the_page_shows_the_models_pictures_when_the_sweep_has_them(sweep, tmp_path):
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
-    r = subprocess.run(
-        [sys.executable, "-m", "harness.inspect", "model=small_cnn", "device=cpu", "images=1",
-         "actmax.steps=3", f"out={copy / 'inspect'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [sys.executable, "-m", "harness.report", str(copy)], cwd=REPO, capture_output=True, text=True
+    r = run_cli(
+        "harness.inspect",
+        "model=small_cnn",
+        "device=cpu",
+        "images=1",
+        "actmax.steps=3",
+        f"out={copy / 'inspect'}",
     )
+    assert r.returncode == 0, r.stderr
+    r = run_cli("harness.report", str(copy))
     assert r.returncode == 0, r.stderr
     page = (copy / "report.html").read_text()
     section = page.split('<section id="model">', 1)[1].split("</section>", 1)[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,15 +12,13 @@ import torch
 
 import harness.rows as harness_rows
 from harness.run import HarnessError, check_attributions
-from tests.conftest import REPO
+from tests.conftest import run_cli
 
 RESULT_FILES = ("run.json", "curves.csv", "scores.csv", "attributions.npz", "summary.csv")
 
 
 def harness(*args: str, module: str = "harness") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
+    return run_cli(module, *args)
 
 
 def result_files(folder: Path) -> list[Path]:

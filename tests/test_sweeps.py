@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from harness.resume import RESULT_FILES, read_job
-from tests.conftest import CONF, REPO
+from tests.conftest import CONF, REPO, run_cli
 
 SWEEP = [
     "model=small_cnn,resnet18", "model.input_size=32", "method=saliency,rise", "seed=0,1", "device=cpu",
@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 
 
 def harness(*args: str, python: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    if not python:
+        return run_cli("harness", "-m", *args)
     return subprocess.run(
         [sys.executable, *python, "-m", "harness", "-m", *args],
         cwd=REPO,
@@ -182,12 +184,7 @@ def test_a_truncated_run_json_is_reported_set_aside_and_run_again(basic, tmp_pat
     text = (broken / "run.json").read_text()
     (broken / "run.json").write_text(text[: len(text) // 2])
 
-    listed = subprocess.run(
-        [sys.executable, "-m", "harness.report", str(sweep), "--out", str(tmp_path / "report")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    listed = run_cli("harness.report", str(sweep), "--out", str(tmp_path / "report"))
     assert listed.returncode == 0, listed.stderr
     assert f"left out {broken}: run.json cannot be read" in listed.stderr
     assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == JOBS - 1  # never merged
@@ -215,12 +212,7 @@ def test_rescoring_saved_maps_gives_the_aucs_of_the_sweep_without_running_the_me
     for job in sweep.glob("*/kernels.csv"):
         assert "method" not in set(pd.read_csv(job)["phase"])
     merged = tmp_path / "merged"
-    r = subprocess.run(
-        [sys.executable, "-m", "harness.report", str(basic), str(sweep), "--out", str(merged)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    r = run_cli("harness.report", str(basic), str(sweep), "--out", str(merged))
     assert r.returncode == 0, r.stderr
     both = pd.read_csv(merged / "summary.csv")
     assert len(both) == 2 * JOBS and sorted(both["phase"].unique()) == ["all", "evaluate"]
