@@ -37,9 +37,9 @@ SIZED = ("vit", "deit", "swin", "eva", "beit", "cait", "xcit")
 
 def _cam(arch: str, module: nn.Module) -> tuple[str, str]:
     if arch.startswith(("vit", "deit")) and hasattr(module, "blocks"):
-        return f"blocks.{len(module.blocks) - 1}.norm1", "tokens"
+        return f"blocks.{len(list(module.get_submodule('blocks').children())) - 1}.norm1", "tokens"
     if arch.startswith("swin") and hasattr(module, "layers"):
-        return f"layers.{len(module.layers) - 1}", "nhwc"
+        return f"layers.{len(list(module.get_submodule('layers').children())) - 1}", "nhwc"
     info = getattr(module, "feature_info", None)  # timm's own list of its feature stages
     if info and isinstance(info[-1], dict) and info[-1].get("module"):
         # The last stage's output (a ResNet's layer4): its last convolution may feed a BatchNorm
@@ -55,6 +55,7 @@ def _offline() -> Iterator[None]:
     """
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    constants: Any
     try:
         from huggingface_hub import constants
     except ImportError:
