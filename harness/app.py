@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -27,9 +26,17 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.checks import check_config
-from harness.errors import HarnessError
-from harness.resume import RESULT_FILES, ROW_FILE, SKIPPED, digest, job_state, set_aside
+from harness.checks import check_config, output_problem
+from harness.errors import HarnessError, first_line
+from harness.resume import (
+    RESULT_FILES,
+    ROW_FILE,
+    SKIPPED,
+    digest,
+    job_state,
+    remove_temporaries,
+    set_aside,
+)
 
 log = logging.getLogger("harness")
 REPO = Path(__file__).resolve().parents[1]
@@ -88,30 +95,15 @@ def check_output(overrides: list[str], default: Path = REPO / "results" / "runs"
     for text in given or [str(default)]:
         if "${" in text:
             text = text[: text.index("${")]  # the part before an interpolation (`${now:...}`)
-        path = Path(text or ".").expanduser().absolute()
-        key = "the output folder" if not given else f"output folder {text!r}"
-        for up in [path, *path.parents]:
-            if up.exists():
-                if not up.is_dir():
-                    what = "is a file" if up == path else f"lies under the file {up}"
-                    raise HarnessError(f"{key} {what}; expected a folder (hydra.sweep.dir=<folder>)")
-                if not _writable(up):
-                    raise HarnessError(
-                        f"{key} cannot be written ({up} is not writable); "
-                        "choose another with hydra.sweep.dir=<folder>"
-                    )
-                break
-
-
-def _writable(folder: Path) -> bool:
-    """Whether a file can be made in `folder` (tried: permission bits do not stop root, and a
-    read-only or virtual file system stops everyone).
-    """
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
+        problem = output_problem(Path(text or "."))
+        if problem is not None:
+            key = "the output folder" if not given else f"output folder {text!r}"
+            hint = (
+                "choose another with hydra.sweep.dir=<folder>"
+                if problem.startswith("cannot")
+                else "expected a folder (hydra.sweep.dir=<folder>)"
+            )
+            raise HarnessError(f"{key} {problem}; {hint}")
 
 
 # The sweep folder of the running sweep (ReportCallback sets it), for the line that a Ctrl-C prints.
@@ -179,14 +171,9 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         failed(out, message(e))
     except Exception as e:  # noqa: BLE001 (a bug, here or in the model's code: said in one line)
         where = out / ERROR_FILE
-        text = f"{type(e).__name__}: {_one_line(str(e))} (unexpected; the traceback is in {where})"
+        text = f"{type(e).__name__}: {first_line(e)} (unexpected; the traceback is in {where})"
         failed(out, text, traceback.format_exc())
     return None
-
-
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def message(e: BaseException) -> str:
@@ -194,8 +181,8 @@ def message(e: BaseException) -> str:
     if isinstance(e, InstantiationException) and e.__cause__ is not None:
         cause = e.__cause__
         text = str(cause) if isinstance(cause, HarnessError) else f"{type(cause).__name__}: {cause}"
-        return _one_line(text)
-    return _one_line(str(e)) if isinstance(e, HarnessError) else _one_line(str(e)) or type(e).__name__
+        return first_line(text)
+    return first_line(e)
 
 
 def failed(out: Path, text: str, details: str | None = None) -> None:
@@ -205,8 +192,7 @@ def failed(out: Path, text: str, details: str | None = None) -> None:
     log.error("%s", text)
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / ERROR_FILE).write_text(text + "\n" + (f"\n{details}" if details else ""))
     if HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -250,9 +236,8 @@ class ReportCallback(Callback):
         sweep = Path(config.hydra.sweep.dir)
         # Every job of the sweep has ended: a temporary left in a job folder is of a write killed in
         # an earlier run (jobs that a resume skipped never start, so nothing else removes it).
-        for stale in sweep.glob("*/.*.tmp"):
-            log.info("removed %s/%s, left by an interrupted write", stale.parent.name, stale.name)
-            stale.unlink(missing_ok=True)
+        for job in {p.parent for p in sweep.glob("*/.*.tmp")}:
+            remove_temporaries(job)
         if any(sweep.glob(f"*/{ROW_FILE}")):
             if report_is_current(sweep):
                 log.info("report of %s is up to date: no job ran since it was written", sweep)
@@ -264,7 +249,7 @@ class ReportCallback(Callback):
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
         by_message: dict[str, list[str]] = {}
         for path in failed:
-            by_message.setdefault(_one_line(path.read_text()), []).append(path.parent.name)
+            by_message.setdefault(first_line(path.read_text()), []).append(path.parent.name)
         for text, jobs in by_message.items():
             more = f" and {len(jobs) - 1} more" if len(jobs) > 1 else ""
             log.error("failed: %s%s: %s", jobs[0], more, text)

@@ -14,6 +14,7 @@ import collections.abc
 import difflib
 import functools
 import inspect
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -166,9 +167,33 @@ PATHS = [
 ]
 
 
-def _looks_like_path(text: str) -> bool:
-    """A weights value that is meant as a file: it has a folder or a suffix (`IMAGENET1K_V1` has none)."""
-    return "/" in text or "\\" in text or bool(Path(text).suffix) or text.startswith("~")
+def names_a_file(text: str) -> bool:
+    """Whether a `weights` value is meant as a file: it has a folder, a suffix or `~`, or exists
+    (`IMAGENET1K_V1`, a torchvision weights name, has none of these).
+    """
+    return (
+        "/" in text
+        or "\\" in text
+        or bool(Path(text).suffix)
+        or text.startswith("~")
+        or Path(text).expanduser().exists()
+    )
+
+
+def output_problem(path: Path) -> str | None:
+    """Why `path` cannot be made or written as an output folder (`is a file`, `lies under the file
+    ...`, `cannot be written (...)`), or None. Writing is tried: permission bits do not stop root,
+    and a read-only or virtual file system stops everyone.
+    """
+    path = path.expanduser().absolute()
+    up = next(p for p in [path, *path.parents] if p.exists())
+    if not up.is_dir():
+        return "is a file" if up == path else f"lies under the file {up}"
+    try:
+        with tempfile.TemporaryFile(dir=up):
+            return None
+    except OSError:
+        return f"cannot be written ({up} is not writable)"
 
 
 def check_paths(cfg: DictConfig) -> None:
@@ -178,7 +203,7 @@ def check_paths(cfg: DictConfig) -> None:
         if not isinstance(node, DictConfig) or key not in node or OmegaConf.is_missing(node, key):
             continue
         value = node[key]
-        if not isinstance(value, str) or (key in ("weights", "weights_path") and not _looks_like_path(value)):
+        if not isinstance(value, str) or (key in ("weights", "weights_path") and not names_a_file(value)):
             continue
         path = Path(value).expanduser()
         if not path.exists():

@@ -24,7 +24,8 @@ from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR, nonlinear
 from torch import nn
 from torch.nn import functional as F
 
-from harness.errors import HarnessError
+from harness.checks import names_a_file
+from harness.errors import HarnessError, first_line
 from harness.weights import MissingFile, load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -406,7 +407,7 @@ def torchvision_classifier(
             except (ValueError, AssertionError, RuntimeError) as e:
                 raise HarnessError(
                     f"model {arch} cannot be built with model.input_size={input_size} "
-                    f"and num_classes={num_classes}: {_first_line(e)}"
+                    f"and num_classes={num_classes}: {first_line(e, 200)}"
                 ) from None
 
     enum = _weights_enum(arch, weights, get_model_weights)
@@ -445,11 +446,6 @@ def torchvision_classifier(
     )
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
-
-
 def _weights_enum(arch: str, weights: str | None, get_model_weights: Callable[[str], Any]) -> Any:
     """The torchvision weights enum member that `weights` names, or None when it names a file (a
     path, or a name with a file suffix) or is None.
@@ -457,7 +453,7 @@ def _weights_enum(arch: str, weights: str | None, get_model_weights: Callable[[s
     if weights is None:
         return None
     text = str(weights)
-    if "/" in text or "\\" in text or Path(text).suffix or Path(text).expanduser().exists():
+    if names_a_file(text):
         return None
     enum = get_model_weights(arch)
     names = [m.name for m in enum] + ["DEFAULT"]
@@ -498,7 +494,7 @@ def custom_classifier(
         make = getattr(importlib.import_module(module_name), attr)
     except Exception as e:  # noqa: BLE001 (import and attribute errors of the user's code)
         raise HarnessError(
-            f"model.builder={builder!r} cannot be imported ({_first_line(e)}); expected a dotted path "
+            f"model.builder={builder!r} cannot be imported ({first_line(e, 200)}); expected a dotted path "
             "such as mypackage.nets.MyNet, importable from where you run"
         ) from None
     if not callable(make):
@@ -513,7 +509,7 @@ def custom_classifier(
             module = make(**kwargs)
         except TypeError as e:
             raise HarnessError(
-                f"model.builder={builder!r} refused model.args={kwargs}: {_first_line(e)}"
+                f"model.builder={builder!r} refused model.args={kwargs}: {first_line(e, 200)}"
             ) from None
         if not isinstance(module, nn.Module):
             raise HarnessError(
@@ -535,7 +531,7 @@ def custom_classifier(
     except Exception as e:  # noqa: BLE001 (whatever the user's forward raises)
         raise HarnessError(
             f"model {label} fails on a [1, 3, {input_size}, {input_size}] input (model.input_size="
-            f"{input_size}): {type(e).__name__}: {_first_line(e)}"
+            f"{input_size}): {type(e).__name__}: {first_line(e, 200)}"
         ) from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

@@ -42,11 +42,11 @@ WEIGHT_KEYS = ("weights", "weights_path")
 _SHA256: dict[tuple[str, int, int], str] = {}
 
 
-def _cache_file() -> Path:
-    return (
-        Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "attribution-harness")
-        / "sha256.json"
-    )
+def cache_root() -> Path:
+    """Where the harness caches what it computed once (trained models, checkpoints' hashes):
+    `$HARNESS_CACHE`, else `~/.cache/attribution-harness`.
+    """
+    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "attribution-harness")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -60,7 +60,7 @@ def file_sha256(path: str | Path) -> str:
     if key in _SHA256:
         return _SHA256[key]
     cache_key = f"{key[0]}|{key[1]}|{key[2]}"
-    cache = _cache_file()
+    cache = cache_root() / "sha256.json"
     try:
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
     except (ValueError, OSError):
@@ -170,6 +170,17 @@ def job_state(cfg: DictConfig, folder: Path) -> JobState:
     if not (state.complete and cfg.get("resume")):
         return state
     return replace(state, kept=True)
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporaries (`.<name>.*.tmp`) of writes that were killed, in `folder`; call it only
+    when no write into `folder` can be under way. Returns what it removed.
+    """
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        log.info("removed %s/%s, left by an interrupted write", folder.name, path.name)
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def set_aside(folder: Path, reason: str) -> Path | None:

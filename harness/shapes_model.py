@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from harness.errors import HarnessError
 from harness.models import Classifier, _plain, _prepare, seeded
-from harness.resume import digest
+from harness.resume import cache_root, digest
 from harness.shapes import CLASSES, generate
 
 log = logging.getLogger("harness")
@@ -68,11 +68,6 @@ class ShapesCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.stage3(self.stage2(self.stage1(self.stem(x))))
         return self.fc(x.mean(dim=(2, 3)))
-
-
-def cache_root() -> Path:
-    """Where trained models are kept: `$HARNESS_CACHE`, else `~/.cache/attribution-harness`."""
-    return Path(os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "attribution-harness")
 
 
 def _generator_settings(data: Any) -> dict[str, Any]:

@@ -17,12 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
-    _first_line,
     _model_facts,
     _prepare,
     class_names_from,
@@ -115,7 +114,7 @@ def timm_classifier(
             else "it cannot be built"
         )
         raise HarnessError(
-            f"model=timm model.arch={arch}: {why} ({type(e).__name__}: {_first_line(e)}); give "
+            f"model=timm model.arch={arch}: {why} ({type(e).__name__}: {first_line(e, 200)}); give "
             "model.weights=<checkpoint file>"
         ) from None
     if weights is not None and not pretrained:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 # Keys under which checkpoints commonly hold the state dict, tried in this order.
 STATE_KEYS = (
@@ -70,7 +70,7 @@ def read_file(path: str, what: str = "model.weights") -> Any:
         try:
             return load_file(str(p))
         except Exception as e:  # noqa: BLE001 (the library raises several types)
-            raise HarnessError(f"{what}={path!r} is not a safetensors file ({_first_line(e)})") from None
+            raise HarnessError(f"{what}={path!r} is not a safetensors file ({first_line(e, 200)})") from None
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (pickle and zip errors of many types)
@@ -82,15 +82,10 @@ def read_file(path: str, what: str = "model.weights") -> Any:
                 f"{what}={path!r} holds Python objects besides tensors{obj}, which are not loaded "
                 "(weights_only); save the model's state dict instead: torch.save(model.state_dict(), path)"
             ) from None
-        detail = _first_line(e) if isinstance(e, RuntimeError) else "it does not read as one"
+        detail = first_line(e, 200) if isinstance(e, RuntimeError) else "it does not read as one"
         raise HarnessError(
             f"{what}={path!r} is not a PyTorch checkpoint ({detail}); expected a file written by torch.save"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
 
 
 def state_dict_of(
@@ -191,27 +186,29 @@ def load_weights(
             parts.append(f"{len(unexpected)} keys the model does not have ({_short(unexpected)})")
         for k in sizes[:2]:
             parts.append(f"{k} is {list(state[k].shape)} in the file, {list(own[k].shape)} in the model")
-        hint = _classes_hint(module, state, sizes, classes_setting)
+        hint = _classes_hint(module, own, state, sizes, classes_setting)
         raise HarnessError(f"model.weights={path!r} does not fit {name}: {'; '.join(parts)}{hint}")
     module.load_state_dict(state)
 
 
 def _classes_hint(
-    module: nn.Module, state: Mapping[str, torch.Tensor], sizes: list[str], setting: str
+    module: nn.Module,
+    own: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    sizes: list[str],
+    setting: str,
 ) -> str:
     """`; the file has N classes: set <setting>=N` when the mismatch is the classifier's width."""
-    with torch.no_grad():
-        out = _output_width(module)
+    out = _output_width(module)
     for k in sizes:
-        own = module.state_dict()[k]
-        if own.dim() >= 1 and own.shape[0] == out and state[k].shape[1:] == own.shape[1:]:
+        if own[k].dim() >= 1 and own[k].shape[0] == out and state[k].shape[1:] == own[k].shape[1:]:
             n = state[k].shape[0]
             return f"; the file has {n} classes, the model {out}: set {setting}={n}"
     return ""
 
 
 def _output_width(module: nn.Module) -> int | None:
-    """The number of outputs of the last linear or 1x1-convolution layer, in registration order."""
+    """The number of outputs of the last linear or convolution layer, in registration order."""
     last = None
     for m in module.modules():
         if isinstance(m, nn.Linear):

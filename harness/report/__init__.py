@@ -31,6 +31,7 @@ from harness.report.speed import write_timing
 from harness.report.statistics import verdict
 from harness.report.tables import GROUP, markdown
 from harness.results import atomic_write, load_rows
+from harness.resume import remove_temporaries
 
 __all__ = ["write_report"]
 log = logging.getLogger("harness.report")
@@ -45,9 +46,7 @@ def write_report(*sweeps: Path, out: Path | None = None) -> Path:
         raise FileNotFoundError(f"no complete job (no */run.json) under {[str(s) for s in sweeps]}")
     out = Path(out or sweeps[0])
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # of a report killed while writing (a job's own go with set_aside)
-        log.info("removed %s, left by an interrupted write", stale.name)
-        stale.unlink(missing_ok=True)
+    remove_temporaries(out)  # of a report killed while writing (a job's own go with set_aside)
     rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
     found = verdict(rows)
     atomic_write(out / "verdict.csv", lambda p: found.table.to_csv(p, index=False))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from harness.checks import output_problem
 from harness.report import __doc__ as doc
 from harness.report import write_report
 
@@ -20,12 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(s) for s in args.sweeps if not s.is_dir()]
     if missing:
         parser.error(f"not a folder: {', '.join(missing)}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; expected a folder (it is created if missing)")
-    if args.out is not None:
-        up = next(p for p in [args.out.absolute(), *args.out.absolute().parents] if p.exists())
-        if not up.is_dir() or not os.access(up, os.W_OK | os.X_OK):
-            parser.error(f"--out {args.out} cannot be written ({up} is not a writable folder)")
+    problem = None if args.out is None else output_problem(args.out)
+    if problem is not None:
+        parser.error(f"--out {args.out} {problem}; expected a folder (it is created if missing)")
     try:
         out = write_report(*args.sweeps, out=args.out)
     except FileNotFoundError as e:
