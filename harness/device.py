@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -117,6 +117,9 @@ class SpeedOptions:
         compile: a `torch.compile` mode, or None for eager execution.
         fold_batchnorm: fold each eval-mode BatchNorm into the convolution before it (see
             `fold_batchnorm`); the model computes the same function with fewer passes over memory.
+        fold_padding: make a convolution's own symmetric zero padding module (TensorFlow-style
+            "same" padding, as EfficientNet-Lite's) the convolution's padding (see `fold_padding`):
+            the same function without a padded copy of each input.
     """
 
     precision: str = "fp32"
@@ -125,6 +128,7 @@ class SpeedOptions:
     tf32: bool = False
     compile: str | None = None
     fold_batchnorm: bool = False
+    fold_padding: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -142,6 +146,7 @@ class SpeedOptions:
             tf32=bool(node.get("tf32", False)),
             compile=node.get("compile"),
             fold_batchnorm=bool(node.get("fold_batchnorm", False)),
+            fold_padding=bool(node.get("fold_padding", False)),
         )
 
     @property
@@ -161,14 +166,19 @@ class SpeedOptions:
         torch.backends.cuda.matmul.allow_tf32 = self.tf32
         torch.backends.cudnn.allow_tf32 = self.tf32
 
-    def prepare(self, module: nn.Module, sample: torch.Tensor) -> int:
-        """Put `module` (in place) in the chosen memory format and, when set, fold its BatchNorms,
-        checked on `sample` (a few of its inputs); returns how many were folded.
+    def prepare(self, module: nn.Module, sample: torch.Tensor, keep: Collection[str] = ()) -> int:
+        """Put `module` (in place) in the chosen memory format and, when set, fold its paddings and
+        BatchNorms, checked on `sample` (a few of its inputs); returns how many BatchNorms were
+        folded. The outputs of the modules named in `keep` (layers whose activations are read: a
+        CAM layer, a layer whose channels are maximised) stay what they were.
         """
         module.to(memory_format=self.memory_format)
+        sample = sample.contiguous(memory_format=self.memory_format)
+        if self.fold_padding:
+            fold_padding(module, sample)
         if not self.fold_batchnorm:
             return 0
-        return fold_batchnorm(module, sample.contiguous(memory_format=self.memory_format))
+        return fold_batchnorm(module, sample, keep=keep)
 
     def compiled(self, module: nn.Module) -> nn.Module:
         """The module compiled in the chosen mode (sharing its parameters), or itself when eager."""
@@ -185,13 +195,18 @@ class SpeedOptions:
             "tf32": self.tf32,
             "compile": self.compile,
             "fold_batchnorm": self.fold_batchnorm,
+            "fold_padding": self.fold_padding,
         }
 
 
-def fold_batchnorm(model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4) -> int:
+def fold_batchnorm(
+    model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4, keep: Collection[str] = ()
+) -> int:
     """Fold every eval-mode `BatchNorm2d` into the `Conv2d` registered just before it in the same
     parent (conv, then BN: the order of torchvision's and EfficientNet's blocks), in place; the BN
-    becomes an identity. Module names, and so CAM layers and hooks, stay as they were.
+    becomes an identity. Module names, and so CAM layers and hooks, stay as they were, but a folded
+    convolution outputs what its BatchNorm did: the convolutions named in `keep` (qualified names),
+    whose own outputs are read, are not folded.
 
     Registration order is not execution order in every model, so the result is checked: when the
     logits on `sample` move by more than `rtol` of their scale the model is restored and nothing is
@@ -200,7 +215,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4) -
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     pairs = []
-    for parent in model.modules():
+    for prefix, parent in model.named_modules():
         names = list(parent._modules)
         for a, b in zip(names, names[1:], strict=False):
             conv, bn = parent._modules[a], parent._modules[b]
@@ -210,6 +225,7 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4) -
                 and not bn.training
                 and bn.track_running_stats
                 and conv.out_channels == bn.num_features
+                and (f"{prefix}.{a}" if prefix else a) not in keep
             ):
                 pairs.append((parent, a, b, conv, bn))
     if not pairs:
@@ -219,14 +235,54 @@ def fold_batchnorm(model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4) -
     for parent, a, b, conv, bn in pairs:
         parent._modules[a] = fuse_conv_bn_eval(conv, bn)
         parent._modules[b] = nn.Identity()
-    with torch.no_grad():
-        after = model(sample)
-    if not torch.allclose(after, before, rtol=rtol, atol=rtol * float(before.abs().max())):
+    if not _same_logits(model, sample, before, rtol):
         for parent, a, b, conv, bn in pairs:
             parent._modules[a], parent._modules[b] = conv, bn
         log.warning("fold_batchnorm: folding changed the logits (module order is not call order); not folded")
         return 0
     return len(pairs)
+
+
+def fold_padding(model: nn.Module, sample: torch.Tensor, rtol: float = 1e-4) -> int:
+    """Make each `Conv2d` that pads its input through a symmetric `nn.ZeroPad2d` child named
+    `static_padding` (TensorFlow-style "same" padding fixed for one image size: EfficientNet-Lite's
+    and `efficientnet_pytorch`'s convolutions) pad by itself, in place: the convolution's kernel
+    reads the zeros it needs instead of a padded copy of the input, forward and backward. Asymmetric
+    paddings (the strided convolutions' `(0, 1, 0, 1)`) have no `Conv2d` equivalent and stay.
+
+    The result is checked as `fold_batchnorm`'s is (a module whose forward does not use its
+    `static_padding` that way is restored). Returns the number of paddings folded.
+    """
+    convs = []
+    for m in model.modules():
+        pad = getattr(m, "static_padding", None)
+        if isinstance(m, nn.Conv2d) and isinstance(pad, nn.ZeroPad2d) and m.padding_mode == "zeros":
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom and tuple(m.padding) == (0, 0):
+                convs.append((m, pad, (top, left)))
+    if not convs:
+        return 0
+    with torch.no_grad():
+        before = model(sample)
+    for m, _, padding in convs:
+        m.padding, m.static_padding = padding, nn.Identity()
+    if not _same_logits(model, sample, before, rtol):
+        for m, pad, _ in convs:
+            m.padding, m.static_padding = (0, 0), pad
+        log.warning("fold_padding: folding changed the logits; not folded")
+        return 0
+    return len(convs)
+
+
+def _same_logits(model: nn.Module, sample: torch.Tensor, before: torch.Tensor, rtol: float) -> bool:
+    try:
+        with torch.no_grad():
+            after = model(sample)
+    except RuntimeError:
+        return False
+    return after.shape == before.shape and torch.allclose(
+        after, before, rtol=rtol, atol=rtol * float(before.abs().max())
+    )
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def build(
         _check_model_and_data(cfg, metric_fns, traits, name, clf, data)
         needs = {n for f in metric_fns.values() for n in metric_traits(f).needs}
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
-        folded = options.prepare(clf.module.to(device), data.images[:2].to(device))
+        folded = options.prepare(clf.module.to(device), data.images[:2].to(device), keep={clf.cam_layer})
         model = options.compiled(clf.module)
     # Only jobs whose method backpropagates (or whose metrics re-run it) time forward+backward passes.
     backprop = not _forward_only(cfg, traits) or (
@@ -491,7 +491,7 @@ def _explainer_with(job: Job) -> Any:
 
     def explain_with(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         prepared = copy.deepcopy(model)
-        job.options.prepare(prepared, inputs[:2])
+        job.options.prepare(prepared, inputs[:2], keep={job.classifier.cam_layer})
         hooks = list(job.model._forward_pre_hooks.values())
         handles = [prepared.register_forward_pre_hook(h) for h in hooks]
         try:

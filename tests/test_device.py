@@ -4,11 +4,13 @@ mode; chunk sizes that fit the budget; out-of-memory halving, simulated on CPU.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 import methods
@@ -18,6 +20,7 @@ from harness.device import (
     SpeedOptions,
     fitting_sizes,
     fold_batchnorm,
+    fold_padding,
     halving_on_oom,
     image_memory,
     is_out_of_memory,
@@ -250,6 +253,83 @@ def test_fold_batchnorm_undoes_a_fold_that_changes_the_model(images):
     torch.testing.assert_close(net(images).detach(), before)
 
 
+def test_fold_batchnorm_keeps_the_output_of_a_layer_that_is_read(images):
+    """A folded convolution outputs what its BatchNorm did; one named in `keep` (a CAM layer, a layer
+    inspected) keeps its own output, and the others are folded as before.
+    """
+    net, t = bn_net(), torch.tensor([0, 1, 2, 3, 4])
+    with torch.no_grad():
+        own = net[3][0](net[:3](images))
+    cam = methods.grad_cam(net, images, t, layer="3.0")
+    folded_all = fold_batchnorm(copy.deepcopy(net), images[:2])
+    assert fold_batchnorm(net, images[:2], keep={"3.0"}) == 1 and folded_all == 2
+    assert isinstance(net[1], torch.nn.Identity) and isinstance(net[3][1], torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(net[3][0](net[:3](images)), own)
+    close_maps(methods.grad_cam(net, images, t, layer="3.0"), cam)
+
+
+class SamePadConv(torch.nn.Conv2d):
+    """TensorFlow-style "same" padding as a `static_padding` child, as EfficientNet-Lite's convolutions."""
+
+    def __init__(self, cin: int, cout: int, k: int, pad: tuple[int, int, int, int], **kw) -> None:
+        super().__init__(cin, cout, k, **kw)
+        self.static_padding = torch.nn.ZeroPad2d(pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.static_padding(x)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class PadsItselfConv(SamePadConv):
+    """Pads through its child but ignores `self.padding`: folding must be undone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride)
+
+
+def test_fold_padding_gives_the_same_function_and_leaves_asymmetric_paddings(images):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        SamePadConv(3, 4, 3, (1, 1, 1, 1)),
+        torch.nn.ReLU(),
+        SamePadConv(4, 4, 3, (0, 1, 0, 1), stride=2),
+        torch.nn.ReLU(),
+        SamePadConv(4, 4, 5, (2, 2, 2, 2), groups=4),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 5),
+    ).eval()
+    x = images.clone().requires_grad_(True)
+    net(x)[:, 1].sum().backward()
+    with torch.no_grad():
+        logits = net(images)
+    assert fold_padding(net, images[:2]) == 2
+    pads = [type(m.static_padding).__name__ for m in net if isinstance(m, SamePadConv)]
+    assert pads == ["Identity", "ZeroPad2d", "Identity"] and net[0].padding == (1, 1)
+    y = images.clone().requires_grad_(True)
+    net(y)[:, 1].sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), logits)
+    torch.testing.assert_close(y.grad, x.grad)
+
+    other = torch.nn.Sequential(PadsItselfConv(3, 4, 3, (1, 1, 1, 1)), torch.nn.Flatten()).eval()
+    assert fold_padding(other, images[:2]) == 0
+    assert isinstance(other[0].static_padding, torch.nn.ZeroPad2d) and other[0].padding == (0, 0)
+
+
+def test_fold_padding_on_efficientnet_lite0_folds_its_symmetric_paddings():
+    from harness.models import efficientnet_lite0
+
+    model = efficientnet_lite0().module.eval()
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        before = model(x)
+    assert fold_padding(model, x) == 12  # of 17 padded convolutions; 5 strided ones pad asymmetrically
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
 def test_options_are_checked_and_recorded():
     with pytest.raises(
         HarnessError, match=r"device.precision='fp8'; expected one of \('fp32', 'bf16', 'fp16'\)"
@@ -265,6 +345,7 @@ def test_options_are_checked_and_recorded():
         "tf32": False,
         "compile": "default",
         "fold_batchnorm": False,
+        "fold_padding": False,
     }
 
 

@@ -86,6 +86,7 @@ def test_explain_with_runs_a_prepared_copy_and_leaves_the_metrics_model_as_it_is
     job = SimpleNamespace(
         options=SpeedOptions.from_config(OmegaConf.load(CONF / "device" / "cpu.yaml")),
         model=nn.Identity(),  # the timing's hooks live on the job's model; none here
+        classifier=SimpleNamespace(cam_layer=""),  # no layer whose output is read
         method=lambda m, x, t: methods.saliency(m, x, t, chunk_size=4),
         cfg=OmegaConf.create({"seed": 0}),
     )

@@ -29,9 +29,8 @@ from harness.data import load_data
 from harness.device import SpeedOptions, available_memory, image_memory, resolve_device
 from harness.errors import HarnessError
 from harness.inspect import figures, pictures
-from harness.inspect.actmax import Ascent, Objective, maximise, pass_times
+from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.inspect.layers import check_units, class_index, conv_layer, conv_layers, layer
-from harness.model_speed import fastest
 
 log = logging.getLogger("harness.inspect")
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -136,17 +135,14 @@ def _plan(cfg: DictConfig, clf: Any, images: torch.Tensor) -> dict[str, Any]:
 
 
 def _chunk(objective: Objective, units: list[int], size: int, device: torch.device, budget: float) -> int:
-    """Images per ascent chunk: of the batch sizes up to the number of units that fit `budget` of the
-    free memory, the largest within 5% of the fastest per image pass. Unlike the harness's jobs, the
-    largest on a CPU too: each step's work outside the passes (Adam, the penalties, the jitter) is
-    per chunk, so fewer chunks waste less.
+    """Images per ascent chunk: `best_chunk` of the batch sizes up to the number of units that fit
+    `budget` of the free memory.
     """
     sample = torch.rand(1, 3, size, size, device=device)
     memory = image_memory(objective.model, sample, device, grad=True, memory_format=torch.contiguous_format)
     fits = int((budget * available_memory(device) - memory.fixed) // max(memory.per_image, 1.0))
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= min(len(units), max(fits, 1))]
-    times = pass_times(objective, units, size, device, sizes)
-    return fastest(times, largest=True)
+    return best_chunk(pass_times(objective, units, size, device, sizes), device)
 
 
 def run(cfg: DictConfig, staging: Path) -> list[str]:
@@ -160,8 +156,11 @@ def run(cfg: DictConfig, staging: Path) -> list[str]:
     x, ids = data.images[:n].to(device), list(data.ids[:n])
     model = clf.module.to(device).eval()  # as loaded: the weights shown are the model's own
     plan = _plan(cfg, clf, x)
-    fast = copy.deepcopy(model)  # the same function, run faster (memory format, BatchNorm folded)
-    SpeedOptions.from_config(cfg.device).prepare(fast, x[:2])
+    # The same function, run faster (memory format, paddings and BatchNorms folded), the layers
+    # shown or maximised keeping their own outputs.
+    fast = copy.deepcopy(model)
+    read = {plan.get("actmax_layer"), *plan.get("features", [])} - {None}
+    SpeedOptions.from_config(cfg.device).prepare(fast, x[:2], keep=read)
     for p in fast.parameters():
         p.requires_grad_(False)
     mean, std = torch.tensor(clf.mean).view(3, 1, 1), torch.tensor(clf.std).view(3, 1, 1)
