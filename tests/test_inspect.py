@@ -93,6 +93,51 @@ def test_channels_optimised_together_give_the_images_of_each_alone(small_cnn):
     assert _hooks(model) == 0
 
 
+class FlippedConv(nn.Conv2d):
+    """Uses its filters in reverse order: computing only some rows of its weight would be wrong."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.flip(0), self.bias.flip(0))
+
+
+@pytest.mark.parametrize(
+    ("layer", "narrow"),
+    [("1", True), ("3", True), ("6", True), ("2", False), ("4", False), ("7", False)],
+)
+def test_the_objective_computes_only_the_channels_asked_for_and_equals_the_whole_layer(layer, narrow):
+    """A conv (no groups) or linear target runs only the chunk's channels, with the objective and its
+    gradient those of the whole layer's output; grouped convs, other modules and a conv whose forward
+    mixes its filters run whole (the first call's check finds the latter)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, stride=2), nn.Conv2d(12, 12, 3, groups=4),
+        nn.Conv2d(12, 6, 1), FlippedConv(6, 6, 1), nn.Flatten(), nn.Linear(6 * 9 * 9, 9), nn.ReLU(),
+    ).eval()  # fmt: skip
+    units = torch.tensor([4, 0, 4, 5, 1, 2, 3, 5, 0, 1])  # two groups: 8 images, then 2
+    pixels = torch.rand(10, 3, 24, 24)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:  # the layer's whole output, by hand
+        h = (x - 0.5) / 0.25
+        for name, m in model.named_children():
+            h = m(h)
+            if name == layer:
+                break
+        out = h[torch.arange(10), units]
+        return out.flatten(1).mean(1) if out.dim() > 1 else out
+
+    objective = Objective(model, layer, *GREY)
+    a = pixels.clone().requires_grad_(True)
+    got = objective(a, units)
+    got.sum().backward()
+    assert objective.narrow is narrow
+    b = pixels.clone().requires_grad_(True)
+    want = reference(b)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    assert _hooks(model) == 0
+
+
 def test_the_saliency_panels_are_the_harness_methods_for_the_class_asked_for(small_cnn, images):
     model = small_cnn.module.eval()
     with torch.no_grad():
@@ -195,6 +240,54 @@ def test_inspect_writes_every_figure_with_its_arrays_and_settings(tmp_path):
     assert json.loads((out / "saliency_coffee.json").read_text())["target"] == 3
     actmax = np.load(out / "actmax_features.3.npz")
     assert actmax["images"].shape == (16, 3, 32, 32) and (actmax["end"] > actmax["start"]).all()
+
+
+@pytest.mark.slow
+def test_a_convolution_before_a_batchnorm_is_shown_and_maximised_as_it_is(tmp_path):
+    """The device folds BatchNorms into convolutions for speed, but not the layer inspected: its
+    feature maps and the objective at the start of the ascent are that convolution's own output
+    (before its BatchNorm) on the model as loaded.
+    """
+    from harness.data import photos
+    from harness.inspect.actmax import _generator
+    from harness.models import torchvision_classifier
+
+    out, layer, weights = tmp_path / "inspect", "layer1.0.conv1", tmp_path / "resnet18.pt"
+    torch.manual_seed(0)
+    model = torchvision_classifier("resnet18").module.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # statistics far from the identity of a fresh model
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(-1.5, 1.5)
+    torch.save(model.state_dict(), weights)
+    r = run_cli(
+        "harness.inspect", "model=torchvision", "model.arch=resnet18", f"model.weights={weights}",
+        "device=cpu", f"out={out}",
+        "images=1", "saliency.enabled=false", "filters.enabled=false", "occlusion.enabled=false",
+        "weights.enabled=false", "top_k.enabled=false", f"features.layers=[{layer}]",
+        f"actmax.layer={layer}", "actmax.channels=[0,5]", "actmax.steps=1", "actmax.size=64",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    clf = torchvision_classifier("resnet18", weights=str(weights))
+    model, conv = clf.module.eval(), clf.module.get_submodule(layer)
+    x = photos(size=224, mean=clf.mean, std=clf.std, num_images=1).images
+    own: list[torch.Tensor] = []
+    handle = conv.register_forward_hook(lambda _m, _i, o: own.append(o))
+    with torch.no_grad():
+        model(x)
+        starts = []
+        for unit in (0, 5):
+            noise = (0.5 + 0.01 * torch.randn(3, 64, 64, generator=_generator(0, unit))).clamp(0, 1)
+            model(
+                ((noise - torch.tensor(clf.mean).view(3, 1, 1)) / torch.tensor(clf.std).view(3, 1, 1))[None]
+            )
+            starts.append(float(own[-1][0, unit].mean()))
+    handle.remove()
+    np.testing.assert_allclose(
+        np.load(out / f"features_{layer}.npz")["maps"][0], own[0][0, :16].numpy(), atol=1e-4
+    )
+    np.testing.assert_allclose(np.load(out / f"actmax_{layer}.npz")["start"], starts, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -8,23 +8,28 @@ image shifted by a random jitter before each forward; every `blur_every` steps t
 and every `scale_every` steps rescaled by a random factor around its centre.
 
 All channels are optimised together, one image per channel, in chunks (of the batch size that runs
-fastest within the memory budget, `harness.inspect.app`). Each image's randomness (its starting
+fastest within the memory budget, `best_chunk`). Each image's randomness (its starting
 noise, jitter and scales) comes from a generator of its own, seeded by (seed, unit), and Adam works
 element by element, so an image is the same whether its channel is optimised alone or with others,
 up to rounding: the model's convolutions round differently with the batch's size (about 1e-6 of a
-pixel per step on the test CPU). The forward stops at the layer (a hook ends the pass once the layer
-has run), so later layers cost nothing.
+pixel per step on the test CPU). The forward stops at the layer (a hook ends the pass), so later
+layers cost nothing, and a convolution or linear layer computes only the channels asked for.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+
+from harness.model_speed import fastest
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,13 @@ class Objective:
     """Per image, the mean activation of its channel of `layer` (its class's logit when `layer` is
     None), with the forward stopped right after the layer (`stop=False` runs the whole model, as
     FlashTorch does).
+
+    When the layer is a `Conv2d` (not grouped) or a `Linear`, the forward stops before it and the
+    layer computes only the channels asked for: each image through the filters of its group of up
+    to 8 images, of which it keeps its own (a chunk of 2 on a layer of 480 channels does 2/480 of
+    the layer's work, forward and backward). The first call checks that this gives the layer's own
+    output (a subclass that transforms its weight across channels would not) and otherwise runs the
+    whole layer.
     """
 
     def __init__(
@@ -152,6 +164,9 @@ class Objective:
         self.model, self.layer, self.stop = model, layer, stop
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        module = model.get_submodule(layer) if layer is not None else None
+        # None: not yet checked on the first call; False: the layer runs whole.
+        self.narrow: bool | None = None if stop and _narrowable(module) else False
 
     def __call__(self, pixels: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """`[N]` activations of `units[i]` for image `pixels[i]` (pixels in [0, 1])."""
@@ -159,46 +174,119 @@ class Objective:
         rows = torch.arange(len(units), device=pixels.device)
         if self.layer is None:
             return self.model(x)[rows, units]
-        captured: list[torch.Tensor] = []
+        layer = self.model.get_submodule(self.layer)
+        if self.narrow is False:
+            out = _run_to(self.model, layer, x, stop=self.stop, before=False)[rows, units]
+        else:
+            inputs = _run_to(self.model, layer, x, stop=True, before=True)
+            out = _own_units(layer, inputs, units)
+            if self.narrow is None:
+                with torch.no_grad():
+                    whole = layer(*inputs)[rows, units]
+                self.narrow = torch.allclose(
+                    out.detach(), whole, rtol=1e-4, atol=1e-5 * float(whole.abs().max())
+                )
+                if not self.narrow:
+                    out = layer(*inputs)[rows, units]
+        return out.flatten(1).mean(dim=1) if out.dim() > 1 else out
 
-        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-            captured.append(output)
-            if self.stop:
-                raise _Stop
 
-        handle = self.model.get_submodule(self.layer).register_forward_hook(hook)
-        try:
-            self.model(x)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        out = captured[0]
-        return out[rows, units].flatten(1).mean(dim=1) if out.dim() > 2 else out[rows, units]
+def _narrowable(module: nn.Module | None) -> bool:
+    own = {name for name, _ in module.named_parameters(recurse=False)} if module is not None else set()
+    return (
+        (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
+        and own <= {"weight", "bias"}
+        and not parametrize.is_parametrized(module)
+    )
+
+
+def _run_to(model: nn.Module, layer: nn.Module, x: torch.Tensor, stop: bool, before: bool) -> Any:
+    """The output of `layer` in the model's forward on `x` (with `before`, its positional inputs),
+    the forward stopped there when `stop`.
+    """
+    captured: list[Any] = []
+
+    def at_input(_module: nn.Module, inputs: tuple) -> None:
+        captured.append(inputs)
+        raise _Stop
+
+    def at_output(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        captured.append(output)
+        if stop:
+            raise _Stop
+
+    handle = layer.register_forward_pre_hook(at_input) if before else layer.register_forward_hook(at_output)
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def _own_units(layer: nn.Module, inputs: tuple, units: torch.Tensor, group: int = 8) -> torch.Tensor:
+    """`[N, ...]`: image i's output at channel `units[i]` of `layer` (a Conv2d or Linear), computed
+    with only the rows of the weight (and bias) that `units` name: `group` images at a time, each
+    through the group's filters (`group` times the work of one filter per image, and that much
+    memory, against the layer's width).
+    """
+    weight, bias = layer.weight, getattr(layer, "bias", None)
+    assert isinstance(weight, torch.Tensor)
+    parts = []
+    for lo in range(0, len(units), group):
+        some = units[lo : lo + group]
+        chosen = {"weight": weight[some]}
+        if isinstance(bias, torch.Tensor):
+            chosen["bias"] = bias[some]
+        out = torch.func.functional_call(layer, chosen, tuple(t[lo : lo + group] for t in inputs))
+        rows = torch.arange(len(some), device=out.device)
+        parts.append(out[rows, rows])  # each image's own unit of the group's
+    return torch.cat(parts)
 
 
 def pass_times(
-    objective: Objective, units: Sequence[int], size: int, device: torch.device, sizes: Sequence[int]
+    objective: Objective,
+    units: Sequence[int],
+    size: int,
+    device: torch.device,
+    sizes: Sequence[int],
+    rounds: int = 3,
 ) -> dict[int, float]:
-    """Seconds per image of one forward+backward pass of `objective` at each batch size of `sizes`
-    (one warm-up, then enough passes for about 32 images): the bound of an ascent, and how to chunk it.
+    """Seconds per image of one forward+backward pass of `objective` at each batch size of `sizes`:
+    the bound of an ascent, and how to chunk it. Each size is warmed up once, then `rounds` rounds
+    take the sizes in turn (enough passes for about 16 images each) and each size keeps its median,
+    so that a slow spell of a shared machine does not fall on one size only.
     """
-    per_image = {}
+    batches = {}
     for b in sizes:
         x = torch.rand(b, 3, size, size, device=device, requires_grad=True)
         target = torch.tensor([units[i % len(units)] for i in range(b)], device=device)
         objective(x, target).sum().backward()  # warm-up
-        reps = max(2, 32 // b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(reps):
-            x.grad = None
-            objective(x, target).sum().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        per_image[b] = (time.perf_counter() - started) / (reps * b)
-    return per_image
+        batches[b] = (x, target)
+    seconds: dict[int, list[float]] = {b: [] for b in sizes}
+    for _ in range(rounds):
+        for b, (x, target) in batches.items():
+            reps = max(2, 16 // b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            for _ in range(reps):
+                x.grad = None
+                objective(x, target).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds[b].append((time.perf_counter() - started) / (reps * b))
+    return {b: statistics.median(t) for b, t in seconds.items()}
+
+
+def best_chunk(per_image: dict[int, float], device: torch.device) -> int:
+    """Images per ascent chunk, from `pass_times`: of the batch sizes within 5% of the fastest per
+    image, the largest on a GPU (fewer, fuller launches) and the smallest on a CPU, where a batch
+    buys nothing once the cores are busy and a larger one leaves the caches (EfficientNet-Lite0 at
+    224 on the 2-core test machine: 12 ms per image pass at batches of 2 and 4, 16 to 18 at 8).
+    """
+    return fastest(per_image, largest=device.type != "cpu")
 
 
 def maximise(

@@ -1,26 +1,31 @@
 """What batching and stopping at the layer buy activation maximisation, measured side by side.
 
-    python -m harness.inspect.versus [--layer blocks.8.expand.0] [--channels 16] [--steps 100] [--out DIR]
+    python -m harness.inspect.versus [--layer blocks.8.expand.0] [--channels 16] [--steps 100]
+                                     [--repeats 3] [--out DIR]
 
 On EfficientNet-Lite0 at 224 with the default ascent settings of `conf/inspect.yaml`, times:
 
 - `batched`: the channels optimised together (`harness.inspect.actmax.maximise`) in chunks of the
   fastest batch size, chosen as `python -m harness.inspect` chooses it, on the model as the harness
-  runs it (channels-last, BatchNorm folded), the forward stopped at the layer;
-- `bound`: the same number of forward+backward passes of that objective (images x steps) at its
-  best batch size (of 1, 2, 4, 8, 16), timed just before and just after `batched` (the faster kept);
+  runs it (channels-last, paddings and BatchNorms folded but the layer's own output kept), the
+  forward stopped at the layer;
+- `bound`: the same number of forward+backward passes of that objective (images x steps), run at
+  its best batch size (of 1, 2, 4, 8, 16);
 - `one_at_a_time`: the same code, one channel after another;
 - `flashtorch_way`: one channel after another on the model as loaded (parameters requiring
-  gradients, contiguous, BatchNorm unfolded) with the whole model run at every step, as FlashTorch's
-  `GradientAscent` does.
+  gradients, contiguous, paddings and BatchNorms as they are) with the whole model run at every
+  step, as FlashTorch's `GradientAscent` does.
 
-Writes `actmax_speed.md` and `.csv` into `--out` with each time and the ratios.
+The four run in turn, `--repeats` rounds (this machine's speed drifts by a fifth or more from one
+minute to the next). Writes `actmax_speed.md` and `.csv` into `--out`: each round's times and
+ratios, and their medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -29,12 +34,12 @@ import torch
 from omegaconf import OmegaConf
 
 from harness.device import SpeedOptions
-from harness.inspect.actmax import Ascent, Objective, maximise, pass_times
-from harness.model_speed import fastest
+from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.models import efficientnet_lite0
 from harness.timing import machine_id
 
 CPU = torch.device("cpu")
+log = logging.getLogger(__name__)
 
 
 def _settings(steps: int) -> Ascent:
@@ -46,45 +51,62 @@ def _settings(steps: int) -> Ascent:
     )  # fmt: skip
 
 
-def _bound(objective: Objective, units: list[int], size: int, passes: int) -> tuple[float, int]:
-    """Seconds for `passes` forward+backward image passes at the best batch size, and that size."""
-    per_image = pass_times(objective, units, size, CPU, [1, 2, 4, 8, 16])
-    best = min(per_image, key=per_image.__getitem__)
-    return per_image[best] * passes, best
+def _passes(objective: Objective, units: list[int], size: int, batch: int, passes: int) -> float:
+    """Seconds for `passes` forward+backward image passes of `objective`, `batch` images at a time
+    (after one warm-up pass).
+    """
+    x = torch.rand(batch, 3, size, size, device=CPU, requires_grad=True)
+    target = torch.tensor([units[i % len(units)] for i in range(batch)], device=CPU)
+    objective(x, target).sum().backward()
+    started = time.perf_counter()
+    for _ in range(-(-passes // batch)):
+        x.grad = None
+        objective(x, target).sum().backward()
+    return time.perf_counter() - started
 
 
-def measure(layer: str, channels: int, steps: int, size: int = 224) -> pd.DataFrame:
-    """The four timings (seconds) and their ratios, in one table."""
+def _timed(objective: Objective, units: list[int], size: int, settings: Ascent, chunk: int) -> float:
+    started = time.perf_counter()
+    maximise(objective, units, size, settings, CPU, chunk_size=chunk)
+    return time.perf_counter() - started
+
+
+def measure(layer: str, channels: int, steps: int, size: int = 224, repeats: int = 3) -> pd.DataFrame:
+    """The four timings (seconds) and their ratios, one row per round; the rounds interleave the four
+    runs, so that a slow spell of the machine falls on all of them rather than on one.
+    """
     clf = efficientnet_lite0()
     model = clf.module.eval()
     fast = copy.deepcopy(model)
-    SpeedOptions(channels_last=True, fold_batchnorm=True).prepare(fast, torch.rand(2, 3, size, size))
+    SpeedOptions(channels_last=True, fold_batchnorm=True, fold_padding=True).prepare(
+        fast, torch.rand(2, 3, size, size), keep={layer}
+    )
     for p in fast.parameters():
         p.requires_grad_(False)
     units, settings = list(range(channels)), _settings(steps)
     objective = Objective(fast, layer, clf.mean, clf.std)
-    before, batch = _bound(objective, units, size, channels * steps)
-    chunk = fastest(pass_times(objective, units, size, CPU, [1, 2, 4, 8, 16]), largest=True)  # as the app
-    started = time.perf_counter()
-    maximise(objective, units, size, settings, CPU, chunk_size=chunk)
-    batched = time.perf_counter() - started
-    after, _ = _bound(objective, units, size, channels * steps)
-    started = time.perf_counter()
-    maximise(objective, units, size, settings, CPU, chunk_size=1)
-    one_at_a_time = time.perf_counter() - started
+    sizes = [1, 2, 4, 8, 16]
+    per_image = pass_times(objective, units, size, CPU, sizes)
+    chunk = best_chunk(per_image, CPU)  # as the app chooses it
+    batch = min(per_image, key=per_image.__getitem__)
     flashtorch = Objective(model, layer, clf.mean, clf.std, stop=False)  # parameters keep requires_grad
-    started = time.perf_counter()
-    maximise(flashtorch, units, size, settings, CPU, chunk_size=1)
-    flashtorch_way = time.perf_counter() - started
-    bound = min(before, after)
-    return pd.DataFrame([{
-        "machine": machine_id(), "layer": layer, "channels": channels, "steps": steps, "size": size,
-        "threads": torch.get_num_threads(), "bound_batch": batch, "chunk": chunk, "bound_s": bound,
-        "batched_s": batched,
-        "one_at_a_time_s": one_at_a_time, "flashtorch_way_s": flashtorch_way,
-        "batched_over_bound": batched / bound, "one_at_a_time_over_batched": one_at_a_time / batched,
-        "flashtorch_way_over_batched": flashtorch_way / batched,
-    }])  # fmt: skip
+    rows = []
+    for round_ in range(1, repeats + 1):
+        bound = _passes(objective, units, size, batch, channels * steps)
+        batched = _timed(objective, units, size, settings, chunk)
+        one_at_a_time = _timed(objective, units, size, settings, 1)
+        flashtorch_way = _timed(flashtorch, units, size, settings, 1)
+        rows.append({
+            "machine": machine_id(), "round": round_, "layer": layer, "channels": channels, "steps": steps,
+            "size": size, "threads": torch.get_num_threads(), "bound_batch": batch, "chunk": chunk,
+            "bound_s": bound, "batched_s": batched, "one_at_a_time_s": one_at_a_time,
+            "flashtorch_way_s": flashtorch_way, "batched_over_bound": batched / bound,
+            "one_at_a_time_over_batched": one_at_a_time / batched,
+            "flashtorch_way_over_batched": flashtorch_way / batched,
+        })  # fmt: skip
+        log.info("round %d: bound %.1f s, batched %.1f s, one at a time %.1f s, FlashTorch's way %.1f s",
+                 round_, bound, batched, one_at_a_time, flashtorch_way)  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,14 +117,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", default="blocks.8.expand.0")
     parser.add_argument("--channels", type=int, default=16)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the four runs, interleaved")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args(argv)
-    table = measure(args.layer, args.channels, args.steps)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    table = measure(args.layer, args.channels, args.steps, repeats=args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "actmax_speed.csv", index=False)
-    text = table.T.rename(columns={0: "value"}).to_markdown()
+    timed = [c for c in table.columns if c.endswith("_s") or "_over_" in c]
+    shown = table[["round", *timed]].copy()
+    medians = shown[timed].median().to_frame().T.assign(round="median")
+    text = pd.concat([shown, medians]).to_markdown(index=False, floatfmt=".2f")
+    setting = table.iloc[0]
     (args.out / "actmax_speed.md").write_text(
-        "# Activation maximisation: batched against one at a time\n\n" + text + "\n"
+        "# Activation maximisation: batched against one at a time\n\n"
+        f"{setting['machine']}, {setting['threads']} threads: {setting['channels']} channels of "
+        f"`{setting['layer']}`, {setting['steps']} steps at {setting['size']}; ours in chunks of "
+        f"{setting['chunk']}, the bound at batches of {setting['bound_batch']}.\n\n" + text + "\n"
     )
     print(text)
 
