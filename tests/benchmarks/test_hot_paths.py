@@ -78,3 +78,27 @@ def test_curve(benchmark, metric, device):
         return out
 
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_maximisation(benchmark, device):
+    """`harness.inspect`'s ascent: 8 channels (32 on CUDA) of the model's middle convolution, 20 steps
+    with every regulariser on, in one chunk, the forward stopped before the layer."""
+    from harness.inspect.actmax import Ascent, Objective, maximise
+    from harness.inspect.layers import conv_layers
+
+    model, x, _, _ = setting(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    convs = conv_layers(model)
+    objective = Objective(model, convs[len(convs) // 2], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    units = list(range(8 if device == "cpu" else 32))
+    settings = Ascent(steps=20, jitter=4, blur_every=4, lp_weight=1e-4, tv_weight=0.05)
+    benchmark.extra_info.update(machine=machine_id(), device=device, images=len(units), steps=settings.steps)
+
+    def run():
+        out = maximise(objective, units, x.shape[-1], settings, torch.device(device))
+        synchronize(torch.device(device))
+        return out
+
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2)
