@@ -1,7 +1,8 @@
 """Check a job's config against the functions it builds, before anything is built.
 
 Every config node with a `_target_` (the model, the data, the method, each metric) names a function
-whose signature says which settings exist and what type each takes. `check_config` refuses a
+whose signature says which settings exist and what type each takes; the device node's is
+`harness.device.device_settings`. `check_config` refuses a
 setting the function does not take (suggesting the closest one), a value of the wrong type
 (`method.window=abc`), a required value left out (`data.root: ???`), and an empty metric list, each
 with one line naming the bad value and what would be right. Ranges and allowed strings stay with
@@ -107,9 +108,11 @@ def _hints(fn: Any) -> dict[str, Any]:
     return hints
 
 
-def check_node(node: DictConfig, where: str) -> None:
-    """Check one node's settings against the signature of its `_target_` (see the module doc)."""
-    target = str(node.get("_target_"))
+def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
+    """Check one node's settings against the signature of its `_target_`, or of `target` for a node
+    that builds nothing (the device; see the module doc).
+    """
+    target = target or str(node.get("_target_"))
     params, hints = _signature(target)
     if params is None:
         raise HarnessError(
@@ -219,8 +222,8 @@ def check_paths(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Check the job's model, data, method and metric settings and the paths they name (see the
-    module doc).
+    """Check the job's model, data, method, metric and device settings and the paths they name (see
+    the module doc).
     """
     if not cfg.get("metric"):
         raise HarnessError("no metric selected (metric is empty); use e.g. metric=[deletion,insertion]")
@@ -237,4 +240,5 @@ def check_config(cfg: DictConfig) -> None:
                 f"metric.{name} is not a metric config; use metric=[{name}] with a name from conf/metric"
             )
         check_node(node, f"metric.{name}")
+    check_node(cfg.device, "device", target="harness.device.device_settings")
     check_paths(cfg)

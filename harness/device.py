@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,6 +104,27 @@ def job_device(device: torch.device) -> Iterator[torch.device]:
         yield torch.device("cuda", i)
 
 
+def device_settings(
+    *,
+    name: str,
+    precision: str,
+    channels_last: bool,
+    cudnn_benchmark: bool,
+    tf32: bool,
+    compile: str | None,
+    fold_batchnorm: bool,
+    fold_padding: bool,
+    memory_budget: float,
+    batch_sizes: list[int] | None,
+    batch_size: int | None,
+    grad_batch_size: int | None,
+) -> None:
+    """The keys of a device config (`conf/device/*.yaml`) and their types: `harness.checks` checks
+    the `device` node against this signature as it checks the other nodes against their functions'
+    (what each key does and its default: `resolve_device`, `SpeedOptions`, `harness.calibration`).
+    """
+
+
 @dataclass(frozen=True)
 class SpeedOptions:
     """How the model runs. Everything but `precision` and `compile` is exact in fp32 up to the order
@@ -138,16 +159,10 @@ class SpeedOptions:
 
     @classmethod
     def from_config(cls, node: Any) -> SpeedOptions:
-        """From a device config (missing keys take the defaults)."""
-        return cls(
-            precision=str(node.get("precision", "fp32")),
-            channels_last=bool(node.get("channels_last", False)),
-            cudnn_benchmark=bool(node.get("cudnn_benchmark", False)),
-            tf32=bool(node.get("tf32", False)),
-            compile=node.get("compile"),
-            fold_batchnorm=bool(node.get("fold_batchnorm", False)),
-            fold_padding=bool(node.get("fold_padding", False)),
-        )
+        """From a device config (missing keys take the defaults; its types are checked by
+        `harness.checks` against `device_settings`).
+        """
+        return cls(**{f.name: node.get(f.name, f.default) for f in fields(cls)})
 
     @property
     def memory_format(self) -> torch.memory_format:  # noqa: D102
@@ -188,15 +203,7 @@ class SpeedOptions:
 
     def row(self) -> dict[str, Any]:
         """The options as results-row fields."""
-        return {
-            "precision": self.precision,
-            "channels_last": self.channels_last,
-            "cudnn_benchmark": self.cudnn_benchmark,
-            "tf32": self.tf32,
-            "compile": self.compile,
-            "fold_batchnorm": self.fold_batchnorm,
-            "fold_padding": self.fold_padding,
-        }
+        return asdict(self)
 
 
 def fold_batchnorm(

@@ -306,6 +306,8 @@ def test_a_convolution_before_a_batchnorm_is_shown_and_maximised_as_it_is(tmp_pa
         (["filters.normalise=global"], "filters.normalise='global'; expected 'tile' or 'layer'"),
         (["occlusion.window=10"], "occlusion.window=10, occlusion.stride=10 do not tile the 32-pixel input"),
         (["actmax.steps=0"], "actmax.steps=0; expected a positive integer"),
+        (["device.fold_padding=abc"], "device.fold_padding='abc'; expected true or false"),
+        (["+model.widht=3"], "model.widht is not a setting of small_cnn; did you mean model.width?"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_with_one_line_and_leaves_nothing(tmp_path, args, message):

@@ -25,6 +25,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from harness.checks import check_node
 from harness.data import load_data
 from harness.device import SpeedOptions, available_memory, image_memory, resolve_device
 from harness.errors import HarnessError
@@ -56,7 +57,12 @@ def _plain(node: Any) -> Any:
 
 
 def _check_settings(cfg: DictConfig) -> None:
-    """What needs no model: ranges and allowed values."""
+    """What needs no model: the model, data and device nodes against their signatures, then the
+    figures' ranges and allowed values.
+    """
+    for where in ("model", "data"):
+        check_node(cfg[where], where)
+    check_node(cfg.device, "device", target="harness.device.device_settings")
     if cfg.filters.normalise not in ("tile", "layer"):
         raise HarnessError(f"filters.normalise={cfg.filters.normalise!r}; expected 'tile' or 'layer'")
     for key in (
