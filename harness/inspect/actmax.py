@@ -19,7 +19,6 @@ layers cost nothing, and a convolution or linear layer computes only the channel
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness.model_speed import fastest
+from harness.timing import timed
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,9 @@ class Objective:
             return self.model(x)[rows, units]
         layer = self.model.get_submodule(self.layer)
         if self.narrow is False:
-            out = _run_to(self.model, layer, x, stop=self.stop, before=False)[rows, units]
+            out = _output_of(self.model, layer, x, stop=self.stop)[rows, units]
         else:
-            inputs = _run_to(self.model, layer, x, stop=True, before=True)
+            inputs = _inputs_of(self.model, layer, x)
             out = _own_units(layer, inputs, units)
             if self.narrow is None:
                 with torch.no_grad():
@@ -192,37 +192,45 @@ class Objective:
 
 
 def _narrowable(module: nn.Module | None) -> bool:
-    own = {name for name, _ in module.named_parameters(recurse=False)} if module is not None else set()
-    return (
-        (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1))
-        and own <= {"weight", "bias"}
-        and not parametrize.is_parametrized(module)
-    )
+    if not (isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)):
+        return False
+    own = {name for name, _ in module.named_parameters(recurse=False)}
+    return own <= {"weight", "bias"} and not parametrize.is_parametrized(module)
 
 
-def _run_to(model: nn.Module, layer: nn.Module, x: torch.Tensor, stop: bool, before: bool) -> Any:
-    """The output of `layer` in the model's forward on `x` (with `before`, its positional inputs),
-    the forward stopped there when `stop`.
-    """
-    captured: list[Any] = []
+def _output_of(model: nn.Module, layer: nn.Module, x: torch.Tensor, stop: bool) -> torch.Tensor:
+    """`layer`'s output in the model's forward on `x`, the forward stopped there when `stop`."""
+    captured = []
 
-    def at_input(_module: nn.Module, inputs: tuple) -> None:
-        captured.append(inputs)
-        raise _Stop
-
-    def at_output(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         captured.append(output)
         if stop:
             raise _Stop
 
-    handle = layer.register_forward_pre_hook(at_input) if before else layer.register_forward_hook(at_output)
+    _forward(model, x, layer.register_forward_hook(hook))
+    return captured[0]
+
+
+def _inputs_of(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple:
+    """`layer`'s positional inputs in the model's forward on `x`, the forward stopped there."""
+    captured = []
+
+    def hook(_module: nn.Module, inputs: tuple) -> None:
+        captured.append(inputs)
+        raise _Stop
+
+    _forward(model, x, layer.register_forward_pre_hook(hook))
+    return captured[0]
+
+
+def _forward(model: nn.Module, x: torch.Tensor, handle: Any) -> None:
+    """The model's forward on `x` until a hook stops it; the hook's `handle` removed after."""
     try:
         model(x)
     except _Stop:
         pass
     finally:
         handle.remove()
-    return captured[0]
 
 
 def _own_units(layer: nn.Module, inputs: tuple, units: torch.Tensor, group: int = 8) -> torch.Tensor:
@@ -268,15 +276,13 @@ def pass_times(
     for _ in range(rounds):
         for b, (x, target) in batches.items():
             reps = max(2, 16 // b)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            for _ in range(reps):
-                x.grad = None
-                objective(x, target).sum().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds[b].append((time.perf_counter() - started) / (reps * b))
+
+            def passes(x: torch.Tensor = x, target: torch.Tensor = target, reps: int = reps) -> None:
+                for _ in range(reps):
+                    x.grad = None
+                    objective(x, target).sum().backward()
+
+            seconds[b].append(timed(passes, device)[1] / 1e3 / (reps * b))
     return {b: statistics.median(t) for b, t in seconds.items()}
 
 

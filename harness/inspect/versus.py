@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +35,7 @@ from omegaconf import OmegaConf
 from harness.device import SpeedOptions
 from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.models import efficientnet_lite0
-from harness.timing import machine_id
+from harness.timing import machine_id, timed
 
 CPU = torch.device("cpu")
 log = logging.getLogger(__name__)
@@ -58,17 +57,17 @@ def _passes(objective: Objective, units: list[int], size: int, batch: int, passe
     x = torch.rand(batch, 3, size, size, device=CPU, requires_grad=True)
     target = torch.tensor([units[i % len(units)] for i in range(batch)], device=CPU)
     objective(x, target).sum().backward()
-    started = time.perf_counter()
-    for _ in range(-(-passes // batch)):
-        x.grad = None
-        objective(x, target).sum().backward()
-    return time.perf_counter() - started
+
+    def run() -> None:
+        for _ in range(-(-passes // batch)):
+            x.grad = None
+            objective(x, target).sum().backward()
+
+    return timed(run, CPU)[1] / 1e3
 
 
 def _timed(objective: Objective, units: list[int], size: int, settings: Ascent, chunk: int) -> float:
-    started = time.perf_counter()
-    maximise(objective, units, size, settings, CPU, chunk_size=chunk)
-    return time.perf_counter() - started
+    return timed(lambda: maximise(objective, units, size, settings, CPU, chunk_size=chunk), CPU)[1] / 1e3
 
 
 def measure(layer: str, channels: int, steps: int, size: int = 224, repeats: int = 3) -> pd.DataFrame:
