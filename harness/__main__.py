@@ -1,6 +1,6 @@
-"""`python -m harness`: the Hydra app (see harness.app)."""
+"""`python -m harness`: the Hydra app (see harness.sweep)."""
 
-from harness.app import cli
+from harness.sweep import cli
 
 if __name__ == "__main__":
     cli()

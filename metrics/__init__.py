@@ -3,11 +3,10 @@ family, each function marked with its traits (`metrics.contract`).
 """
 
 from metrics.complexity import complexity, sparseness
-from metrics.contract import Curve, MetricTraits, Result, field_name, metric, traits_of
+from metrics.contract import Curve, GroundTruth, MetricTraits, Result, field_name, metric, traits_of
 from metrics.faithfulness import deletion, insertion
 from metrics.imputation import noisy_linear_impute
 from metrics.localisation import (
-    GroundTruth,
     energy_pointing_game,
     pointing_game,
     relevance_mass,

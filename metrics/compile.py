@@ -1,7 +1,8 @@
 """Compile (and cache) the harness's numba code once, so that no run pays for it: `python -m metrics.compile`.
 
-`make` runs it after installing. numba keeps the machine code in `__pycache__` beside the source, keyed by
-the source file and the CPU; an edited file or another machine compiles again on first use.
+`make` runs it after installing. numba keeps the machine code in `metrics/imputation/__pycache__`,
+keyed by the kernels' sources and the CPU; an edited kernel or another machine compiles again on
+first use.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import time
 def main() -> None:
     """Compile or load the numba code and say how long it took."""
     start = time.perf_counter()
-    from metrics import _linear_cpu
+    from metrics.imputation import cpu
 
-    _linear_cpu.warm()
+    cpu.warm()
     print(f"ROAD's CPU imputation compiled or loaded from its cache in {time.perf_counter() - start:.1f} s")
 
 

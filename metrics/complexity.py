@@ -13,6 +13,7 @@ All of it runs on the maps' device, batched over images, with no host round trip
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,6 +75,19 @@ def entropy(values: torch.Tensor) -> torch.Tensor:
     return torch.where(total.squeeze(1) == 0, math.log(n), h)
 
 
+def _of_pixels(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    attributions: torch.Tensor,
+    target: torch.Tensor,
+    chunk_size: int,
+) -> Result:
+    """`score` of each image's pixel magnitudes `[B, H*W]`, after the shapes and settings are checked."""
+    check_chunk_size(chunk_size=chunk_size)
+    check_maps(inputs, attributions, target)
+    return Result({"": score(pixel_magnitude(attributions))})
+
+
 @metric(better={"": "higher"}, check=check_chunk_size)
 def sparseness(
     model: nn.Module,
@@ -110,9 +124,7 @@ def sparseness(
         >>> sparseness(None, torch.zeros(2, 3, 2, 2), a, torch.zeros(2, dtype=torch.long)).values[""]
         tensor([0.7500, 0.0000])
     """
-    check_chunk_size(chunk_size=chunk_size)
-    check_maps(inputs, attributions, target)
-    return Result({"": gini(pixel_magnitude(attributions))})
+    return _of_pixels(gini, inputs, attributions, target, chunk_size)
 
 
 @metric(better={"": "lower"}, check=check_chunk_size)
@@ -149,6 +161,4 @@ def complexity(
         >>> complexity(None, torch.zeros(2, 3, 2, 2), a, torch.zeros(2, dtype=torch.long)).values[""]
         tensor([0.0000, 1.3863])
     """
-    check_chunk_size(chunk_size=chunk_size)
-    check_maps(inputs, attributions, target)
-    return Result({"": entropy(pixel_magnitude(attributions))})
+    return _of_pixels(entropy, inputs, attributions, target, chunk_size)

@@ -9,6 +9,9 @@ the function (`traits_of`); no list of metric names lives anywhere else.
 A result holds per-image values `[B]` keyed by what they are (`auc`, `morf_auc`, ...; `""` for a metric
 whose value is the metric itself) and optional curves. The row names a value `<metric>_<key>` (or
 `<metric>` for `""`): `deletion` returns `{"auc": ...}`, hence the row's `deletion_auc`.
+
+`GroundTruth` is the known evidence of a batch of images (object masks and boxes): the data loaders
+make it, the localisation metrics and the `oracle` method read it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,44 @@ class Curve:
 
 
 @dataclass
+class GroundTruth:
+    """The known evidence of a batch of images.
+
+    Attributes:
+        mask: `[B, H, W]` bool, the pixels of the object (or of its boxes, where only boxes are known).
+        box: `[B, H, W]` bool, the object's bounding box (or the union of its boxes).
+    """
+
+    mask: torch.Tensor
+    box: torch.Tensor
+
+    @classmethod
+    def from_masks(cls, mask: torch.Tensor) -> GroundTruth:
+        """The ground truth of exact masks `[B, H, W]`; each box is its mask's bounding box."""
+        rows, cols = mask.any(dim=2), mask.any(dim=1)
+        idx_r, idx_c = torch.arange(mask.shape[1]), torch.arange(mask.shape[2])
+        big = max(mask.shape[1], mask.shape[2])
+        top = torch.where(rows, idx_r, big).amin(dim=1)
+        bottom = torch.where(rows, idx_r, -1).amax(dim=1)
+        left = torch.where(cols, idx_c, big).amin(dim=1)
+        right = torch.where(cols, idx_c, -1).amax(dim=1)
+        box = (
+            (idx_r[None, :, None] >= top[:, None, None])
+            & (idx_r[None, :, None] <= bottom[:, None, None])
+            & (idx_c[None, None, :] >= left[:, None, None])
+            & (idx_c[None, None, :] <= right[:, None, None])
+        )
+        return cls(mask, box)
+
+    def __getitem__(self, rows: slice | torch.Tensor) -> GroundTruth:
+        return GroundTruth(self.mask[rows], self.box[rows])
+
+    def to(self, device: torch.device | str) -> GroundTruth:
+        """The same ground truth on `device`."""
+        return GroundTruth(self.mask.to(device), self.box.to(device))
+
+
+@dataclass
 class Result:
     """A metric's answer for a batch of images.
 
@@ -66,7 +107,7 @@ class MetricTraits:
             callable `(inputs [N, C, H, W], target [N]) -> maps [N, 1 or C, H, W]` that re-runs the
             method; `explain_with`, the same with the model to run as first argument; `trained`, the
             model as loaded (eager, fp32, before speed options), which the metric must not modify;
-            `ground_truth` (`metrics.localisation.GroundTruth` of the images); `normalization`, the
+            `ground_truth` (`GroundTruth` of the images); `normalization`, the
             model's `mean` and `std` per channel (tuples) that map [0, 1] pixels to its inputs.
         check: raises `ValueError` naming a bad parameter value and what is allowed; called with the
             metric's keyword parameters before any model work (and by the metric itself).

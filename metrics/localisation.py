@@ -17,53 +17,13 @@ All four are higher-is-better and 1 for a map that is the mask itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from metrics.contract import Result, metric
+from metrics.contract import GroundTruth, Result, metric
 
 REFERENCE_SIDE = 224
-
-
-@dataclass
-class GroundTruth:
-    """The known evidence of a batch of images.
-
-    Attributes:
-        mask: `[B, H, W]` bool, the pixels of the object (or of its boxes, where only boxes are known).
-        box: `[B, H, W]` bool, the object's bounding box (or the union of its boxes).
-    """
-
-    mask: torch.Tensor
-    box: torch.Tensor
-
-    @classmethod
-    def from_masks(cls, mask: torch.Tensor) -> GroundTruth:
-        """The ground truth of exact masks `[B, H, W]`; each box is its mask's bounding box."""
-        rows, cols = mask.any(dim=2), mask.any(dim=1)
-        idx_r, idx_c = torch.arange(mask.shape[1]), torch.arange(mask.shape[2])
-        big = max(mask.shape[1], mask.shape[2])
-        top = torch.where(rows, idx_r, big).amin(dim=1)
-        bottom = torch.where(rows, idx_r, -1).amax(dim=1)
-        left = torch.where(cols, idx_c, big).amin(dim=1)
-        right = torch.where(cols, idx_c, -1).amax(dim=1)
-        box = (
-            (idx_r[None, :, None] >= top[:, None, None])
-            & (idx_r[None, :, None] <= bottom[:, None, None])
-            & (idx_c[None, None, :] >= left[:, None, None])
-            & (idx_c[None, None, :] <= right[:, None, None])
-        )
-        return cls(mask, box)
-
-    def __getitem__(self, rows: slice | torch.Tensor) -> GroundTruth:
-        return GroundTruth(self.mask[rows], self.box[rows])
-
-    def to(self, device: torch.device | str) -> GroundTruth:
-        """The same ground truth on `device`."""
-        return GroundTruth(self.mask.to(device), self.box.to(device))
 
 
 def _plane(attributions: torch.Tensor) -> torch.Tensor:

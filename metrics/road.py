@@ -135,16 +135,13 @@ def road(
         orders: `morf` (most relevant first) and/or `lerf` (least relevant first).
         imputation: `linear` (ROAD's noisy linear imputation) or `mean` (kept pixels' channel mean).
         noise_std: std of the Gaussian noise added to imputed pixels, in [0, 1] pixel units.
-        score: `softmax` (probability of the target), `logit`, or `accuracy` (1 if the top-1 class is
-            the target, else 0).
+        score: `softmax` (the target's probability), `logit`, or `accuracy` (top-1 is the target).
         tol: the linear imputation's error tolerance (see `metrics.imputation.noisy_linear_impute`).
         chunk_size: (image, order, percentage) items imputed and forwarded together.
 
     Returns:
-        `values`: `morf_auc` and/or `lerf_auc` `[B]` (the curve's trapezoid over the fractions p/100,
-        divided by their span, i.e. its mean height; with one percentage, the score itself), and
-        `combined` = (lerf_auc - morf_auc) / 2 when both orders are asked. `curves`: per order,
-        `Curve(fractions [S], scores [B, S], auc [B])`.
+        `morf_auc` and/or `lerf_auc` `[B]` (each curve's mean height, `curve_auc`), `combined` =
+        (lerf_auc - morf_auc) / 2 with both orders; per order, `Curve(fractions [S], scores [B, S])`.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
@@ -154,17 +151,38 @@ def road(
         >>> sorted(result.values), result.curves["morf"].scores.shape
         (['combined', 'lerf_auc', 'morf_auc'], torch.Size([2, 3]))
     """
-    check_road(
-        mean=mean,
-        std=std,
-        percentages=percentages,
-        orders=orders,
-        imputation=imputation,
-        noise_std=noise_std,
-        score=score,
-        tol=tol,
-        chunk_size=chunk_size,
-    )
+    check_road(mean=mean, std=std, percentages=percentages, orders=orders, imputation=imputation,
+               noise_std=noise_std, score=score, tol=tol, chunk_size=chunk_size)  # fmt: skip
+    counts = _checked_counts(inputs, attributions, target, mean, std, percentages)
+    # Shared random draws, first thing: one tie-break permutation, one noise pattern per perturbation.
+    b, c, h, w = inputs.shape
+    tie_break = torch.randperm(h * w, device=inputs.device)
+    noise = None
+    if noise_std > 0:
+        shape = (len(orders), len(percentages), c, h, w)
+        noise = torch.randn(shape, device=inputs.device, dtype=inputs.dtype) * noise_std
+    # Per order, a key of each pixel that is below k exactly for the k pixels that order removes first:
+    # the rank for MoRF, the rank from the bottom for LeRF (int32: half the bytes to gather per item).
+    rank = pixel_rank(attributions, tie_break)
+    keys = torch.stack([rank if o == "morf" else h * w - 1 - rank for o in orders]).to(torch.int32)
+    perturb = _Perturbation(inputs, mean, std, keys, counts, noise, imputation, tol)
+    scores = torch.empty(perturb.items, device=inputs.device)
+    for lo in range(0, perturb.items, chunk_size):
+        item = torch.arange(lo, min(lo + chunk_size, perturb.items), device=inputs.device)
+        img, x = perturb(item)
+        scores[lo : lo + len(item)] = _score(model(x).float(), target[img], score)
+    return _curves(scores.view(b, len(orders), len(percentages)), percentages, orders)
+
+
+def _checked_counts(
+    inputs: torch.Tensor,
+    attributions: torch.Tensor,
+    target: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    percentages: Sequence[float],
+) -> list[int]:
+    """The pixels removed at each percentage, once the shapes fit and a pixel is left at every one."""
     if inputs.dim() != 4:
         raise ValueError(f"inputs of shape {tuple(inputs.shape)}; expected [B, C, H, W]")
     check_inputs(inputs, attributions, target)
@@ -172,53 +190,69 @@ def road(
         raise ValueError(f"mean and std have {len(mean)} channels but inputs have {inputs.shape[1]}")
     if len(std) != len(mean):
         raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
-    b, c, h, w = inputs.shape
-    device, n_orders, n_steps = inputs.device, len(orders), len(percentages)
+    h, w = inputs.shape[2:]
     counts = removal_counts(percentages, h * w)
     if max(counts) >= h * w:
         raise ValueError(
             f"percentages={tuple(percentages)!r} remove all {h * w} pixels of a {h}x{w} image at "
             f"{percentages[counts.index(max(counts))]}%; nothing would be left to impute from"
         )
+    return counts
 
-    # Shared random draws, first thing: one tie-break permutation, one noise pattern per perturbation.
-    tie_break = torch.randperm(h * w, device=device)
-    noise = None
-    if noise_std > 0:
-        noise = torch.randn(n_orders, n_steps, c, h, w, device=device, dtype=inputs.dtype) * noise_std
 
-    # Per order, a key of each pixel that is below k exactly for the k pixels that order removes first:
-    # the rank for MoRF, the rank from the bottom for LeRF (int32: half the bytes to gather per item).
-    rank = pixel_rank(attributions, tie_break)
-    keys = torch.stack([rank if o == "morf" else h * w - 1 - rank for o in orders]).to(torch.int32)
-    shift = torch.tensor(mean, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
-    scale = torch.tensor(std, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
-    pixels = (inputs * scale + shift).contiguous()  # planes, as the imputation reads them
-    inv_scale, offset = 1 / scale, -shift / scale  # back to the model's inputs in one pass
-    layout = torch.channels_last if _channels_last(inputs) else torch.contiguous_format
-    removed_count = torch.tensor(counts, device=device, dtype=torch.int32)
+class _Perturbation:
+    """The (image, order, percentage) items, item `i` being image `i // (O * S)`, order
+    `i // S % O` and percentage `i % S`: each item's image with its removed pixels imputed, back in the
+    model's input space and memory format.
+    """
 
-    items = b * n_orders * n_steps
-    scores = torch.empty(items, device=device)
-    for lo in range(0, items, chunk_size):
-        item = torch.arange(lo, min(lo + chunk_size, items), device=device)
-        img, order, step = item // (n_orders * n_steps), item // n_steps % n_orders, item % n_steps
-        removed = (keys[order, img] < removed_count[step, None]).view(-1, h, w)
-        shared = None if noise is None else noise[order, step]
-        filled = impute(pixels[img], removed, shared, method=imputation, tol=tol)
-        normed = torch.empty_like(filled, memory_format=layout)
-        logits = model(torch.addcmul(offset, filled, inv_scale, out=normed)).float()
-        scores[lo : lo + len(item)] = _score(logits, target[img], score)
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        keys: torch.Tensor,
+        counts: list[int],
+        noise: torch.Tensor | None,
+        imputation: str,
+        tol: float,
+    ) -> None:
+        b, c, self.h, self.w = inputs.shape
+        device = inputs.device
+        shift = torch.tensor(mean, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
+        scale = torch.tensor(std, dtype=inputs.dtype, device=device).view(1, c, 1, 1)
+        self.pixels = (inputs * scale + shift).contiguous()  # planes, as the imputation reads them
+        self.inv_scale, self.offset = 1 / scale, -shift / scale  # back to the model's inputs in one pass
+        self.layout = torch.channels_last if _channels_last(inputs) else torch.contiguous_format
+        self.keys, self.noise, self.imputation, self.tol = keys, noise, imputation, tol
+        self.removed_count = torch.tensor(counts, device=device, dtype=torch.int32)
+        self.orders, self.steps = len(keys), len(counts)
+        self.items = b * self.orders * self.steps
 
-    scores = scores.view(b, n_orders, n_steps)
-    fractions = torch.tensor([p / 100 for p in percentages], dtype=scores.dtype, device=device)
+    def __call__(self, item: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The items' images (indices `[n]`) and their imputed inputs `[n, C, H, W]`."""
+        img, order, step = (
+            item // (self.orders * self.steps),
+            item // self.steps % self.orders,
+            item % self.steps,
+        )
+        removed = (self.keys[order, img] < self.removed_count[step, None]).view(-1, self.h, self.w)
+        shared = None if self.noise is None else self.noise[order, step]
+        filled = impute(self.pixels[img], removed, shared, method=self.imputation, tol=self.tol)
+        normed = torch.empty_like(filled, memory_format=self.layout)
+        return img, torch.addcmul(self.offset, filled, self.inv_scale, out=normed)
+
+
+def _curves(scores: torch.Tensor, percentages: Sequence[float], orders: Sequence[str]) -> Result:
+    """Each order's curve `[B, S]` over the fractions p/100, its AUC, and the combined value."""
+    fractions = torch.tensor([p / 100 for p in percentages], dtype=scores.dtype, device=scores.device)
     values: dict[str, torch.Tensor] = {}
     curves: dict[str, Curve] = {}
     for i, name in enumerate(orders):
         auc = curve_auc(scores[:, i], fractions)
         curves[name] = Curve(fractions, scores[:, i].contiguous(), auc)
         values[f"{name}_auc"] = auc
-    if n_orders == 2:
+    if len(orders) == 2:
         values["combined"] = (values["lerf_auc"] - values["morf_auc"]) / 2
     return Result(values, curves)
 

@@ -8,6 +8,33 @@ once from torch's global generator on the inputs' device (the job seeds it befor
 sample k of every image gets pattern k. Captum is called per chunk of images, and slices the samples of
 a chunk into sub-batches itself; `SharedNoise` hands each sub-batch the patterns of its sample indices.
 At most about `chunk_size` (image, sample) pairs are explained or forwarded at once.
+
+**Max-sensitivity** (definition 3.1): per image, the largest relative change of the map over
+`n_samples` perturbations d_k drawn uniformly from the L-infinity ball of radius `radius` in the model's
+normalised input space (Captum's default perturbation): max_k ||expl(x + d_k) - expl(x)|| / ||expl(x)||,
+the norm over all the map's values (`fro`: the Euclidean norm). The paper defines it without the
+division; Captum (like the paper's code) divides by ||expl(x)||, so the value does not depend on the
+map's scale and methods compare. Where ||expl(x)|| is 0, Captum divides by 1, i.e. the value is the
+absolute change. Captum computes expl(x) itself by calling `explain` on the unperturbed images, so both
+maps come from the same call (for a random method, two draws); `attributions` is only checked for
+shape. The patterns are `(torch.rand((n_samples, C, H, W), device=inputs.device) * 2 - 1) * radius`.
+Defaults are Captum's: radius 0.02 (about 0.0045, or 1.2/255, in [0, 1] pixel units for ImageNet's
+std: an invisible change), 10 samples, the Frobenius norm.
+
+**Infidelity** (definition 2.1): per image, E_I[(I . phi - (f(x) - f(x - I)))^2] over `n_samples`
+Gaussian perturbations I of standard deviation `std` in the model's normalised input space, where f is
+the model's logit of `target` (Captum's forward with `target`; no softmax) and phi the attribution.
+With `normalize` (Captum's, as in the paper's code), phi is first scaled by the per-image least-squares
+factor beta = E[(I . phi)(f(x) - f(x - I))] / E[(I . phi)^2], so that the value does not depend on the
+map's scale: the right choice for maps whose scale is arbitrary (saliency, CAMs, RISE), and a plain
+`normalize=False` for maps in the model's units (IG, DeepLIFT). Captum's perturbed input is x - I, the
+perturbation returned with it is I. The patterns are
+`torch.randn((n_samples, C, H, W), device=inputs.device) * std`. The default std 0.1 (normalised units;
+about 0.023, or 6/255, in [0, 1] pixel units for ImageNet's std) is a small, invisible perturbation, of
+the size of common adversarial budgets, so that the first-order question "does I . phi predict the
+change of the logit" is asked where it is meaningful but well above float32 noise. The paper's code
+uses std 0.2 in [0, 1] pixel units on MNIST (about 0.9 normalised for ImageNet: a heavily noised
+image); Captum's docstring example uses 0.003.
 """
 
 from __future__ import annotations
@@ -113,6 +140,23 @@ class SharedNoise:
             raise RuntimeError(f"Captum drew {self.done} perturbations per image; expected {len(self.noise)}")
 
 
+def by_chunks(
+    call: Callable[[slice, SharedNoise, int], torch.Tensor], images: int, noise: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """`call(rows, shared, per_batch)` on chunks of the images (`split`), each chunk's samples drawn
+    from `noise` through its own `SharedNoise` (checked used up) and sliced by Captum into batches of
+    `per_batch` (image, sample) pairs; the values `[B]` concatenated.
+    """
+    per_call, samples = split(images, len(noise), chunk_size)
+    values = []
+    for lo in range(0, images, per_call):
+        rows = slice(lo, min(lo + per_call, images))
+        shared = SharedNoise(noise, rows.stop - rows.start)
+        values.append(call(rows, shared, (rows.stop - rows.start) * samples))
+        shared.finish()
+    return torch.cat(values)
+
+
 @metric(better={"": "lower"}, needs=("explain",), check=check_max_sensitivity)
 def max_sensitivity(
     model: nn.Module,
@@ -127,23 +171,9 @@ def max_sensitivity(
     chunk_size: int = 16,
 ) -> Result:
     """Max-sensitivity (Yeh et al. 2019, https://arxiv.org/abs/1901.09392, definition 3.1), through
-    Captum's `sensitivity_max`; lower is better.
-
-    Per image, the largest relative change of the map over `n_samples` perturbations d_k drawn uniformly
-    from the L-infinity ball of radius `radius` in the model's normalised input space (Captum's default
-    perturbation): max_k ||expl(x + d_k) - expl(x)|| / ||expl(x)||, the norm over all the map's values
-    (`fro`: the Euclidean norm). The paper defines it without the division; Captum (like the paper's
-    code) divides by ||expl(x)||, so the value does not depend on the map's scale and methods compare.
-    Where ||expl(x)|| is 0, Captum divides by 1, i.e. the value is the absolute change. Captum computes
-    expl(x) itself by calling `explain` on the unperturbed images, so both maps come from the same call
-    (for a random method, two draws); `attributions` is only checked for shape.
-
-    The patterns d_k are drawn once per call as
-    `(torch.rand((n_samples, C, H, W), device=inputs.device) * 2 - 1) * radius`, shared by all images
-    (see the module's docstring), so a value does not depend on the batch or on `chunk_size`.
-
-    Defaults are Captum's: radius 0.02 (about 0.0045, or 1.2/255, in [0, 1] pixel units for ImageNet's
-    std: an invisible change), 10 samples, the Frobenius norm.
+    Captum's `sensitivity_max`; lower is better: the largest relative change of the map over
+    perturbations d_k in an L-infinity ball, max_k ||expl(x + d_k) - expl(x)|| / ||expl(x)|| (the
+    module's docstring says how, and why divided).
 
     Args:
         model: unused (the method inside `explain` holds it; part of the metric contract).
@@ -164,7 +194,6 @@ def max_sensitivity(
     check_maps(inputs, attributions, target)
     b, c, h, w = inputs.shape
     noise = ((torch.rand((n_samples, c, h, w), device=inputs.device) * 2 - 1) * radius).to(inputs.dtype)
-    images, samples = split(b, n_samples, chunk_size)
 
     def explanation_func(
         x: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor
@@ -177,23 +206,18 @@ def max_sensitivity(
             # Contiguous: Captum views the maps flat, and channels-last maps cannot be.
             return (explain(x, target.reshape(-1).expand(len(x))).detach().contiguous(),)
 
-    values = []
-    for lo in range(0, b, images):
-        x, t = inputs[lo : lo + images], target[lo : lo + images]
-        shared = SharedNoise(noise, len(x))
-        values.append(
-            sensitivity_max(
-                explanation_func,
-                x,
-                perturb_func=shared.add,
-                n_perturb_samples=n_samples,
-                norm_ord=_norm_ord(norm),
-                max_examples_per_batch=len(x) * samples,
-                target=t,
-            )
+    def sensitivity(rows: slice, shared: SharedNoise, per_batch: int) -> torch.Tensor:
+        return sensitivity_max(
+            explanation_func,
+            inputs[rows],
+            perturb_func=shared.add,
+            n_perturb_samples=n_samples,
+            norm_ord=_norm_ord(norm),
+            max_examples_per_batch=per_batch,
+            target=target[rows],
         )
-        shared.finish()
-    return Result({"": torch.cat(values)})
+
+    return Result({"": by_chunks(sensitivity, b, noise, chunk_size)})
 
 
 @metric(better={"": "lower"}, check=check_infidelity)
@@ -209,26 +233,9 @@ def infidelity(
     chunk_size: int = 16,
 ) -> Result:
     """Infidelity (Yeh et al. 2019, https://arxiv.org/abs/1901.09392, definition 2.1), through Captum's
-    `infidelity`; lower is better.
-
-    Per image, E_I[(I . phi - (f(x) - f(x - I)))^2] over `n_samples` Gaussian perturbations I of
-    standard deviation `std` in the model's normalised input space, where f is the model's logit of
-    `target` (Captum's forward with `target`; no softmax) and phi the attribution. With `normalize`
-    (Captum's, as in the paper's code), phi is first scaled by the per-image least-squares factor
-    beta = E[(I . phi)(f(x) - f(x - I))] / E[(I . phi)^2], so that the value does not depend on the map's
-    scale: the right choice for maps whose scale is arbitrary (saliency, CAMs, RISE), and a plain
-    `normalize=False` for maps in the model's units (IG, DeepLIFT). Captum's perturbed input is x - I,
-    the perturbation returned with it is I.
-
-    The patterns I_k are drawn once per call as
-    `torch.randn((n_samples, C, H, W), device=inputs.device) * std`, shared by all images (see the
-    module's docstring), so a value does not depend on the batch or on `chunk_size`.
-
-    The default std 0.1 (normalised units; about 0.023, or 6/255, in [0, 1] pixel units for ImageNet's
-    std) is a small, invisible perturbation, of the size of common adversarial budgets, so that the
-    first-order question "does I . phi predict the change of the logit" is asked where it is meaningful
-    but well above float32 noise. The paper's code uses std 0.2 in [0, 1] pixel units on MNIST (about
-    0.9 normalised for ImageNet: a heavily noised image); Captum's docstring example uses 0.003.
+    `infidelity`; lower is better: E_I[(I . phi - (f(x) - f(x - I)))^2] over Gaussian perturbations I,
+    f the target's logit, phi the map (scaled by its least-squares factor with `normalize`; the
+    module's docstring says how, and why the default std).
 
     Args:
         model: classifier returning logits `[N, K]`.
@@ -251,22 +258,17 @@ def infidelity(
     # all its channels, so I . phi = sum_p (sum_c I_cp) phi_p: the same phi_p on every channel, i.e.
     # expanded; dividing by C would score the map against a C times smaller change of the logit.
     phi = attributions.to(inputs.dtype).expand(b, c, h, w).contiguous()  # Captum views it flat
-    images, samples = split(b, n_samples, chunk_size)
-    values = []
-    for lo in range(0, b, images):
-        x, t = inputs[lo : lo + images], target[lo : lo + images]
-        shared = SharedNoise(noise, len(x))
-        values.append(
-            captum_infidelity(
-                model,
-                shared.subtract,
-                x,
-                phi[lo : lo + images],
-                target=t,
-                n_perturb_samples=n_samples,
-                max_examples_per_batch=len(x) * samples,
-                normalize=normalize,
-            )
+
+    def fidelity(rows: slice, shared: SharedNoise, per_batch: int) -> torch.Tensor:
+        return captum_infidelity(
+            model,
+            shared.subtract,
+            inputs[rows],
+            phi[rows],
+            target=target[rows],
+            n_perturb_samples=n_samples,
+            max_examples_per_batch=per_batch,
+            normalize=normalize,
         )
-        shared.finish()
-    return Result({"": torch.cat(values)})
+
+    return Result({"": by_chunks(fidelity, b, noise, chunk_size)})

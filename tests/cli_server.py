@@ -33,13 +33,13 @@ class Result:
 def _serve() -> None:  # pragma: no cover (runs in the server process)
     import traceback
 
-    import harness.app
     import harness.inspect.app
+    import harness.job  # noqa: F401
     import harness.report.__main__
-    import harness.run  # noqa: F401
+    import harness.sweep
 
     entry = {
-        "harness": harness.app.cli,
+        "harness": harness.sweep.cli,
         "harness.report": lambda: harness.report.__main__.main(sys.argv[1:]),
         "harness.inspect": harness.inspect.app.main,
     }

@@ -1,7 +1,7 @@
 """A sweep folder of many finished fake jobs, for the resume decision's tests and benchmark.
 
 Each job's folder holds only a `run.json` with the job's config hash and no result files: enough for
-`harness.resume.read_job` to call it complete. The hashes and folders come from `JobComposer`, which
+`harness.results.read_job` to call it complete. The hashes and folders come from `JobComposer`, which
 `test_resume_at_scale` holds to Hydra's own composition.
 """
 
@@ -17,8 +17,9 @@ from hydra.core.utils import setup_globals
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-import harness.app  # noqa: F401  (registers the resolvers that the configs use)
-from harness.resume import ROW_FILE, config_hash
+import harness.sweep  # noqa: F401  (registers the resolvers that the configs use)
+from harness.config import config_hash
+from harness.results import ROW_FILE
 from hydra_plugins.harness_sweeper.composer import JobComposer
 from tests.conftest import CONF
 

@@ -109,7 +109,7 @@ CASES = [
     ("value/memory-budget", [*SMALL, "device.memory_budget=2"], "device.memory_budget=2; expected a fraction of free memory in (0, 1]"),
     ("value/batch-size", [*SMALL, "device.batch_size=0"], "device.batch_size=0; expected null (chosen) or a positive number"),
     ("value/device-flag-text", [*SMALL, "device.fold_padding=abc"], "device.fold_padding='abc'; expected true or false"),
-    ("value/device-typo-key", [*SMALL, "+device.fold_paddin=true"], "device.fold_paddin is not a setting of device_settings; did you mean device.fold_padding?"),
+    ("value/device-typo-key", [*SMALL, "+device.fold_paddin=true"], "device.fold_paddin is not a setting of DeviceSettings; did you mean device.fold_padding?"),
     ("value/timing-repeats", [*SMALL, "timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
     ("value/timing-key", [*SMALL, "+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
     ("value/phase", [*SMALL, "phase=train"], "phase='train'; expected one of all, evaluate"),

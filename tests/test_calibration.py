@@ -10,11 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import harness.model_speed
-from harness.calibration import CALIBRATION_DIR, calibrate, settings
-from harness.device import SpeedOptions
-from harness.model_speed import ModelSpeed
-from harness.run import run_job
+import harness.runtime.model_speed
+from harness.config import DeviceSettings
+from harness.job import run_job
+from harness.runtime import CALIBRATION_DIR, ModelSpeed, calibrate, calibration_facts
 from tests.conftest import CONF
 
 
@@ -59,10 +58,9 @@ def test_a_job_on_a_noisy_machine_still_gets_the_chunk_sizes_of_the_sweeps_measu
 
         return slow
 
-    monkeypatch.setattr(harness.model_speed, "forward_step", noisy(harness.model_speed.forward_step))
-    monkeypatch.setattr(
-        harness.model_speed, "forward_backward_step", noisy(harness.model_speed.forward_backward_step)
-    )
+    speed = harness.runtime.model_speed
+    monkeypatch.setattr(speed, "forward_step", noisy(speed.forward_step))
+    monkeypatch.setattr(speed, "forward_backward_step", noisy(speed.forward_backward_step))
     second = run_job(job_config("seed=1"), tmp_path / "b", calibration_dir=tmp_path)
     assert second["calibration"] == "reused"
     assert (second["batch_size"], second["grad_batch_size"]) == (
@@ -92,7 +90,7 @@ def test_what_changes_speed_changes_the_key_and_nothing_else_does():
 
     def key(*overrides: str) -> dict:
         cfg = job_config(*overrides)
-        return settings(cfg, cpu, SpeedOptions.from_config(cfg.device))
+        return calibration_facts(cfg.model, cpu, DeviceSettings.from_config(cfg.device))
 
     base = key()
     assert key("seed=5") == base and key("method=rise", "metric=[deletion]") == base

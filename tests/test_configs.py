@@ -10,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from harness.run import HarnessError, resolve_device
+from harness.config import HarnessError
+from harness.runtime import resolve_device
 from methods import traits_of
 from tests.conftest import CONF
 
@@ -93,9 +94,38 @@ def test_functions_follow_the_naming_rule(group):
         assert node._target_ == f"{group}s.{name}"  # stem == function name
         fn = instantiate(node)
         assert fn.func is getattr(module, name)
-        # Plain forwards take ${device.batch_size}, forward+backward passes ${device.grad_batch_size}.
-        chunk = 2 if group == "metric" or traits_of(fn).forward_only else 3
-        assert fn.keywords.get("chunk_size", chunk) == chunk, name
+        # The chunk size is the job's to choose (`harness.job.chunk_for`): null in every config.
+        assert fn.keywords.get("chunk_size") is None, name
+
+
+def test_the_job_fills_what_the_config_leaves_to_it():
+    """Null chunk sizes get the model's batch size for plain forwards (forward-only methods, every
+    metric) and its forward+backward batch size otherwise; `auto` layers and blocks the model's own;
+    what the config sets stays, and no config node is written to.
+    """
+    from types import SimpleNamespace
+
+    from harness.job import chunk_for, filled, settings_of
+
+    speed = SimpleNamespace(batch_size=8, grad_batch_size=3)
+    cfg = cfg_with(
+        "method=grad_cam", "model=torchvision", "model.input_size=32", "metric=[model_randomisation]"
+    )
+    method, metric = instantiate(cfg.method), instantiate(cfg.metric.model_randomisation)
+    assert [settings_of(method)[k] for k in ("layer", "layout")] == ["auto", "auto"]
+    assert settings_of(metric)["blocks"] == "auto"
+    facts = {"layer": "layer4", "layout": "nchw", "blocks": ["layer1", "fc"]}
+    method = filled(filled(method, facts), {"chunk_size": chunk_for(speed, traits_of(method).forward_only)})
+    metric = filled(filled(metric, facts), {"chunk_size": chunk_for(speed, forward_only=True)})
+    assert settings_of(method) == {"layer": "layer4", "layout": "nchw", "chunk_size": 3}
+    assert (settings_of(metric)["blocks"], settings_of(metric)["chunk_size"]) == (["layer1", "fc"], 8)
+    assert cfg.method.layer == "auto" and cfg.method.chunk_size is None  # the config as composed
+    occlusion = filled(
+        instantiate(cfg_with("method=occlusion").method), {"chunk_size": chunk_for(speed, True)}
+    )
+    assert settings_of(occlusion)["chunk_size"] == 8
+    given = filled(instantiate(cfg_with("method=saliency", "method.chunk_size=5").method), {"chunk_size": 3})
+    assert settings_of(given)["chunk_size"] == 5
 
 
 def test_several_metrics_per_run():
@@ -150,3 +180,21 @@ def test_an_experiments_sweep_overrides_the_default_one():
     methods = truth.hydra.sweeper.params.method.split(",")
     assert methods[0] == "oracle" and sorted(methods) == options("method")
     assert speed.hydra.sweeper.params.method == "saliency,integrated_gradients,occlusion,grad_cam"
+
+
+def readme_groups() -> dict[str, list[str]]:
+    """The README's table of config groups: each row's group and the options its second cell names."""
+    import re
+
+    text = (CONF.parent / "README.md").read_text()
+    table = text[text.index("| group | options | what they are |") :].split("\n\n")[0]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return {row[0].strip("| `"): re.findall(r"`([^`]+)`", row[1]) for row in rows}
+
+
+def test_the_readme_lists_every_group_and_every_option():
+    groups = sorted(str(p.parent.relative_to(CONF)) for p in CONF.glob("**/*.yaml") if p.parent != CONF)
+    listed = readme_groups()
+    assert sorted(listed) == sorted(set(groups))
+    for group, names in listed.items():
+        assert sorted(names) == options(group), group

@@ -15,7 +15,10 @@ from hydra import compose, initialize_config_dir
 
 import methods
 import metrics
-from harness.device import (
+from harness.config import HarnessError
+from harness.job import run_job
+from harness.results import read_maps
+from harness.runtime import (
     MemoryModel,
     SpeedOptions,
     fitting_sizes,
@@ -25,9 +28,6 @@ from harness.device import (
     image_memory,
     is_out_of_memory,
 )
-from harness.errors import HarnessError
-from harness.results import read_maps
-from harness.run import run_job
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CPU = torch.device("cpu")
@@ -163,7 +163,7 @@ def test_fitting_sizes_keep_what_fits_and_name_the_budget_when_nothing_does():
 
 def test_budget_sets_the_chunk_sizes(tmp_path, monkeypatch):
     """With room for 2.5 images of forward+backward, the gradient chunk is at most 2."""
-    import harness.run
+    import harness.job.builder
 
     x = torch.zeros(1, 3, 32, 32)
     from harness.models import small_cnn
@@ -171,7 +171,7 @@ def test_budget_sets_the_chunk_sizes(tmp_path, monkeypatch):
     per_image = image_memory(
         small_cnn(num_classes=10, width=16).module, x, CPU, True, torch.channels_last
     ).per_image
-    monkeypatch.setattr(harness.run, "available_memory", lambda device: int(2.5 * per_image / 0.5))
+    monkeypatch.setattr(harness.job.builder, "available_memory", lambda device: int(2.5 * per_image / 0.5))
     row = run_job(job_config("device.memory_budget=0.5"), tmp_path / "job")
     assert row["grad_batch_size"] in (1, 2) and row["method_chunk_size"] == row["grad_batch_size"]
     assert row["batch_size"] >= row["grad_batch_size"] and row["deletion_chunk_size"] == row["batch_size"]

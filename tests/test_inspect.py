@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.config import HarnessError
 from harness.inspect import pictures
 from harness.inspect.actmax import Ascent, Objective, lp_penalty, maximise, penalty_gradient, total_variation
 from harness.inspect.layers import class_index

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.shapes import CLASSES, check, generate
+from harness.data.generated import CLASSES, check, generate
 from metrics.contract import traits_of
 from metrics.localisation import (
     GroundTruth,
@@ -214,8 +214,8 @@ def test_voc_and_csv_boxes_give_the_same_masks_at_the_models_size(tmp_path):
 def test_shapes_cnn_trains_once_then_loads_its_cache_and_refuses_a_weak_model(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    import harness.shapes_model as sm
-    from harness.errors import HarnessError
+    import harness.models.shapes as sm
+    from harness.config import HarnessError
 
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     data = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "shapes.yaml")

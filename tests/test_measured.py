@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.measured import TimingSettings, measure_call
-from harness.model_speed import ModelSpeed
-from harness.progress import Progress
-from harness.timing import Stopwatch
+from harness.config import TimingSettings
+from harness.job import measure_call
+from harness.runtime import ModelSpeed, Progress, Stopwatch
 
 CPU = torch.device("cpu")
 PASSES = 10

@@ -19,10 +19,9 @@ from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 import methods
+from harness.config import HarnessError
 from harness.data import class_index
-from harness.errors import HarnessError
-from harness.models import SmallCNN, custom_classifier, torchvision_classifier
-from harness.weights import load_weights
+from harness.models import SmallCNN, custom_classifier, load_weights, torchvision_classifier
 from metrics.sanity import blocks_modules
 from tests.cli_server import CliServer
 from tests.conftest import CONF, REPO
@@ -88,7 +87,7 @@ def test_the_readme_own_model_example_runs_end_to_end(cli, tmp_path):
 def test_every_torchvision_classification_name_composes():
     from hydra import compose, initialize_config_dir
 
-    from harness.checks import check_config
+    from harness.config import check_config
 
     names = torchvision.models.list_models(module=torchvision.models)
     assert len(names) >= 80
@@ -326,7 +325,7 @@ def test_an_overwritten_checkpoint_is_run_again_and_its_old_maps_are_refused(cli
 )
 def test_timm_models_build_load_weights_and_attribute(tmp_path, arch, size, cam):
     pytest.importorskip("timm")
-    from harness.timm_models import timm_classifier
+    from harness.models import timm_classifier
 
     clf = timm_classifier(arch, num_classes=4, input_size=size, seed=0)
     assert (clf.cam_layer, clf.cam_layout) == cam and not clf.pretrained
@@ -345,7 +344,7 @@ def test_timm_models_build_load_weights_and_attribute(tmp_path, arch, size, cam)
 
 def test_timm_never_downloads(tmp_path, monkeypatch):
     pytest.importorskip("timm")
-    from harness.timm_models import timm_classifier
+    from harness.models import timm_classifier
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     with pytest.raises(HarnessError, match="its pretrained weights are not in the local Hugging Face cache"):

@@ -14,12 +14,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.app import job_dir, report_is_current
-from harness.device import claimed_gpu
-from harness.progress import Progress
-from harness.results import write_job
-from harness.resume import config_hash, read_job, set_aside
-from harness.run import run_job
+from harness.config import config_hash
+from harness.job import run_job
+from harness.results import read_job, set_aside, write_job
+from harness.runtime import Progress, claimed_gpu
+from harness.sweep import job_dir, report_is_current
 from tests.conftest import CONF
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
-from harness.resume import ROW_FILE
+from harness.results import ROW_FILE
 from hydra_plugins.harness_sweeper.composer import JobComposer
 from hydra_plugins.harness_sweeper.resume_sweeper import plan
 from tests.sweep_at_scale import folder_and_hash, loader_and_master, seed_jobs, write_finished

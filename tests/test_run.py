@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-import harness.rows as harness_rows
-from harness.run import HarnessError, check_attributions
+import harness.job.row as harness_rows
+from harness.config import HarnessError
+from harness.job import check_attributions
 from tests.conftest import run_cli
 
 RESULT_FILES = ("run.json", "curves.csv", "scores.csv", "attributions.npz", "summary.csv")

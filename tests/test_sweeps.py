@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from harness.resume import RESULT_FILES, read_job
+from harness.results import RESULT_FILES, read_job
 from tests.conftest import CONF, REPO, run_cli
 
 SWEEP = [
@@ -284,7 +284,7 @@ def sweep_values(overrides: list[str]) -> list[list[str]]:
 
 
 def test_the_readme_slurm_example_composes():
-    import harness.app  # noqa: F401  (registers the resolvers that the configs use)
+    import harness.sweep  # noqa: F401  (registers the resolvers that the configs use)
 
     commands = readme_commands("On a Slurm cluster")
     assert len(commands) == 2
@@ -304,7 +304,7 @@ def test_the_readme_slurm_example_composes():
 def test_the_gpus_preset_has_a_worker_per_visible_gpu():
     import torch
 
-    import harness.app  # noqa: F401  (registers gpu_count)
+    import harness.sweep  # noqa: F401  (registers gpu_count)
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", ["hydra/launcher=gpus"], return_hydra_config=True)

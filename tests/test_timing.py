@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from harness.model_speed import ModelSpeed, fastest, forward_backward_step, forward_step
-from harness.profiling import profile_call
-from harness.results import bootstrap_ci
-from harness.timing import (
+from harness.job import bootstrap_ci
+from harness.runtime import (
+    ModelSpeed,
     StopEarly,
     Stopwatch,
     Timing,
     count_forwards,
+    fastest,
     first_passes,
+    forward_backward_step,
+    forward_step,
     measure,
+    profile_call,
 )
 
 

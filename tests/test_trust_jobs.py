@@ -74,8 +74,8 @@ def test_explain_with_runs_a_prepared_copy_and_leaves_the_metrics_model_as_it_is
     from torch import nn
 
     import methods
-    from harness.device import SpeedOptions
-    from harness.run import _explainer_with
+    from harness.job import explainer_with
+    from harness.runtime import SpeedOptions
     from tests.conftest import CONF
 
     torch.manual_seed(0)
@@ -88,9 +88,9 @@ def test_explain_with_runs_a_prepared_copy_and_leaves_the_metrics_model_as_it_is
         model=nn.Identity(),  # the timing's hooks live on the job's model; none here
         classifier=SimpleNamespace(cam_layer=""),  # no layer whose output is read
         method=lambda m, x, t: methods.saliency(m, x, t, chunk_size=4),
-        cfg=OmegaConf.create({"seed": 0}),
+        seed=0,
     )
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
-    maps = _explainer_with(job)(model, x, t)
+    maps = explainer_with(job)(model, x, t)
     assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None  # not folded in place
     torch.testing.assert_close(maps, methods.saliency(model, x, t, chunk_size=4))  # the same function

@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from harness.model_speed import fastest
-from harness.timing import timed
+from harness.runtime import fastest, timed
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from harness.checks import check_node
+from harness.config import DeviceSettings, HarnessError, check_node
 from harness.data import load_data
-from harness.device import SpeedOptions, available_memory, image_memory, resolve_device
-from harness.errors import HarnessError
 from harness.inspect import figures, pictures
 from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.inspect.layers import check_units, class_index, conv_layer, conv_layers, layer
+from harness.runtime import SpeedOptions, available_memory, image_memory, resolve_device
 
 log = logging.getLogger("harness.inspect")
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -56,13 +56,13 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _check_settings(cfg: DictConfig) -> None:
-    """What needs no model: the model, data and device nodes against their signatures, then the
-    figures' ranges and allowed values.
+def _check_settings(cfg: DictConfig) -> DeviceSettings:
+    """What needs no model: the model and data nodes against their signatures, the device settings,
+    then the figures' ranges and allowed values; returns the device settings.
     """
     for where in ("model", "data"):
         check_node(cfg[where], where)
-    check_node(cfg.device, "device", target="harness.device.device_settings")
+    device = DeviceSettings.from_config(cfg.device)
     if cfg.filters.normalise not in ("tile", "layer"):
         raise HarnessError(f"filters.normalise={cfg.filters.normalise!r}; expected 'tile' or 'layer'")
     for key in (
@@ -86,6 +86,7 @@ def _check_settings(cfg: DictConfig) -> None:
     out = Path(cfg.out)
     if out.exists():
         raise HarnessError(f"out={str(out)!r} exists; give a new folder (nothing there is overwritten)")
+    return device
 
 
 def _channels(model: torch.nn.Module, name: str, sample: torch.Tensor) -> int:
@@ -93,7 +94,7 @@ def _channels(model: torch.nn.Module, name: str, sample: torch.Tensor) -> int:
     module = layer(model, name)
     if isinstance(module, torch.nn.Conv2d):
         return module.out_channels
-    with pictures._outputs(model, [name]) as kept, torch.no_grad():
+    with pictures.outputs(model, [name]) as kept, torch.no_grad():
         model(sample[:1])
     out = kept[name]
     if not isinstance(out, torch.Tensor) or out.dim() < 2:
@@ -151,125 +152,147 @@ def _chunk(objective: Objective, units: list[int], size: int, device: torch.devi
     return best_chunk(pass_times(objective, units, size, device, sizes), device)
 
 
+@dataclass
+class Inputs:
+    """What every figure draws from: the model as loaded and its faster copy, the images and their
+    display pixels, their ids, top-1 classes and the names resolved by `_plan`.
+    """
+
+    clf: Any
+    model: torch.nn.Module
+    fast: torch.nn.Module
+    x: torch.Tensor
+    shown: np.ndarray
+    ids: list[str]
+    top1: torch.Tensor
+    plan: dict[str, Any]
+
+
 def run(cfg: DictConfig, staging: Path) -> list[str]:
     """Compute and write every enabled figure into `staging`; returns their names."""
-    _check_settings(cfg)
-    device = resolve_device(cfg.device.name)
+    settings = _check_settings(cfg)
+    device = resolve_device(settings.name)
     torch.manual_seed(int(cfg.seed))
+    inputs = _inputs(cfg, settings, device)
+    write = Writer(staging)
+    figures_of = {
+        "top_k": _top_k, "saliency": _saliency, "filters": _filters, "features": _features,
+        "actmax": lambda c, i, w: _actmax(c, i, device, settings.memory_budget, w),
+        "occlusion": _occlusion, "weights": _weights,
+    }  # fmt: skip
+    for key, draw in figures_of.items():
+        if cfg[key].enabled:
+            draw(cfg, inputs, write)
+    return write.written
+
+
+def _inputs(cfg: DictConfig, settings: DeviceSettings, device: torch.device) -> Inputs:
+    """The model, its images on `device`, every name checked, and the faster copy: the same function,
+    run faster (memory format, paddings and BatchNorms folded), the layers shown or maximised keeping
+    their own outputs.
+    """
     clf = instantiate(cfg.model)
     data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
     n = min(int(cfg.images), len(data.ids))
     x, ids = data.images[:n].to(device), list(data.ids[:n])
     model = clf.module.to(device).eval()  # as loaded: the weights shown are the model's own
     plan = _plan(cfg, clf, x)
-    # The same function, run faster (memory format, paddings and BatchNorms folded), the layers
-    # shown or maximised keeping their own outputs.
     fast = copy.deepcopy(model)
     read = {plan.get("actmax_layer"), *plan.get("features", [])} - {None}
-    SpeedOptions.from_config(cfg.device).prepare(fast, x[:2], keep=read)
+    SpeedOptions.from_settings(settings).prepare(fast, x[:2], keep=read)
     for p in fast.parameters():
         p.requires_grad_(False)
     mean, std = torch.tensor(clf.mean).view(3, 1, 1), torch.tensor(clf.std).view(3, 1, 1)
     shown = (x.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    write = Writer(staging)
     with torch.no_grad():
         top1 = fast(x).argmax(dim=1)
-    names = clf.class_names
-    if cfg.top_k.enabled:
-        idx, probs = pictures.top_k(fast, x, int(cfg.top_k.k))
-        labels = [[names[i] for i in row] for row in idx]
-        write(
-            "top_k",
-            figures.top_k_figure(shown, labels, probs, ids),
-            {"classes": idx, "probabilities": probs},
-            {"figure": "top_k", "k": int(cfg.top_k.k), "images": ids},
-        )
-    if cfg.saliency.enabled:
-        target = torch.full_like(top1, plan["target"]) if "target" in plan else top1
-        panels = pictures.saliency_panels(fast, x, target)
-        arrays = {k: v.cpu().numpy() for k, v in panels.items()} | {"target": target.cpu().numpy()}
-        for i, image_id in enumerate(ids):
-            title = f"{image_id}: class {int(target[i])} ({names[int(target[i])]})"
-            one = {k: v[i] for k, v in arrays.items() if k != "target"}
-            write(
-                f"saliency_{_safe(image_id)}",
-                figures.saliency_figure(shown[i], one, title),
-                {k: v[i : i + 1] for k, v in arrays.items()},
-                {
-                    "figure": "saliency",
-                    "image": image_id,
-                    "target": int(target[i]),
-                    "target_name": names[int(target[i])],
-                    "methods": ["saliency", "guided_backprop"],
-                },
-            )
-    if cfg.filters.enabled:
-        conv = conv_layer(model, plan["filters"])
-        tiles = pictures.filter_tiles(
-            model,
-            plan["filters"],
-            int(cfg.filters.max_filters),
-            int(cfg.filters.max_channels),
-            str(cfg.filters.normalise),
-        )
-        rgb = conv.in_channels == 3 and conv.groups == 1
-        write(
-            f"filters_{_safe(plan['filters'])}",
-            figures.tile_grid(
-                tiles,
-                f"{plan['filters']}: {len(tiles)} of {conv.out_channels} filters, "
-                f"normalised per {cfg.filters.normalise}",
-                rgb,
-            ),
-            {"tiles": tiles},
-            {"figure": "filters", "layer": plan["filters"], **_plain(cfg.filters)},
-        )
-    if cfg.features.enabled:
-        k = int(cfg.features.image)
-        maps = pictures.feature_maps(fast, x[k : k + 1], plan["features"], int(cfg.features.max_channels))
-        for name, m in maps.items():
-            write(
-                f"features_{_safe(name)}",
-                figures.map_grid(m[0], [f"channel {c}" for c in range(len(m[0]))], f"{name} on {ids[k]}"),
-                {"maps": m},
-                {"figure": "features", "layer": name, "image": ids[k], **_plain(cfg.features)},
-            )
-    if cfg.actmax.enabled:
-        _actmax(cfg, plan, fast, clf, device, write)
-    if cfg.occlusion.enabled:
-        window, stride = plan["occlusion"]
-        heat = pictures.occlusion_map(fast, x, top1, window, stride, float(cfg.occlusion.baseline))
-        captions = [f"{i}: {names[int(t)]}" for i, t in zip(ids, top1, strict=True)]
-        write(
-            "occlusion",
-            figures.occlusion_figure(shown, heat, captions, "occlusion, top-1 class"),
-            {"heat": heat, "target": top1.cpu().numpy()},
-            {"figure": "occlusion", **_plain(cfg.occlusion), "window": window, "stride": stride},
-        )
-    if cfg.weights.enabled:
-        hist = pictures.weight_histograms(model, int(cfg.weights.bins))
-        arrays = {f"{k}.counts": c for k, (c, _) in hist.items()} | {
-            f"{k}.edges": e for k, (_, e) in hist.items()
-        }
-        write(
-            "weights",
-            figures.histogram_grid(hist, f"weights of {clf.name}, per layer"),
-            arrays,
-            {"figure": "weights", "layers": list(hist), **_plain(cfg.weights)},
-        )
-    return write.written
+    return Inputs(clf, model, fast, x, shown, ids, top1, plan)
 
 
-def _actmax(
-    cfg: DictConfig,
-    plan: dict[str, Any],
-    fast: torch.nn.Module,
-    clf: Any,
-    device: torch.device,
-    write: Writer,
-) -> None:
+def _top_k(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    idx, probs = pictures.top_k(i.fast, i.x, int(cfg.top_k.k))
+    labels = [[i.clf.class_names[c] for c in row] for row in idx]
+    write(
+        "top_k",
+        figures.top_k_figure(i.shown, labels, probs, i.ids),
+        {"classes": idx, "probabilities": probs},
+        {"figure": "top_k", "k": int(cfg.top_k.k), "images": i.ids},
+    )
+
+
+def _saliency(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    names = i.clf.class_names
+    target = torch.full_like(i.top1, i.plan["target"]) if "target" in i.plan else i.top1
+    panels = pictures.saliency_panels(i.fast, i.x, target)
+    arrays = {k: v.cpu().numpy() for k, v in panels.items()} | {"target": target.cpu().numpy()}
+    for n, image_id in enumerate(i.ids):
+        t = int(target[n])
+        one = {k: v[n] for k, v in arrays.items() if k != "target"}
+        write(
+            f"saliency_{_safe(image_id)}",
+            figures.saliency_figure(i.shown[n], one, f"{image_id}: class {t} ({names[t]})"),
+            {k: v[n : n + 1] for k, v in arrays.items()},
+            {
+                "figure": "saliency", "image": image_id, "target": t, "target_name": names[t],
+                "methods": ["saliency", "guided_backprop"],
+            },
+        )  # fmt: skip
+
+
+def _filters(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    name, f = i.plan["filters"], cfg.filters
+    conv = conv_layer(i.model, name)
+    tiles = pictures.filter_tiles(i.model, name, int(f.max_filters), int(f.max_channels), str(f.normalise))
+    title = f"{name}: {len(tiles)} of {conv.out_channels} filters, normalised per {f.normalise}"
+    rgb = conv.in_channels == 3 and conv.groups == 1
+    write(
+        f"filters_{_safe(name)}",
+        figures.tile_grid(tiles, title, rgb),
+        {"tiles": tiles},
+        {"figure": "filters", "layer": name, **_plain(f)},
+    )
+
+
+def _features(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    k = int(cfg.features.image)
+    maps = pictures.feature_maps(i.fast, i.x[k : k + 1], i.plan["features"], int(cfg.features.max_channels))
+    for name, m in maps.items():
+        write(
+            f"features_{_safe(name)}",
+            figures.map_grid(m[0], [f"channel {c}" for c in range(len(m[0]))], f"{name} on {i.ids[k]}"),
+            {"maps": m},
+            {"figure": "features", "layer": name, "image": i.ids[k], **_plain(cfg.features)},
+        )
+
+
+def _occlusion(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    window, stride = i.plan["occlusion"]
+    heat = pictures.occlusion_map(i.fast, i.x, i.top1, window, stride, float(cfg.occlusion.baseline))
+    captions = [f"{n}: {i.clf.class_names[int(t)]}" for n, t in zip(i.ids, i.top1, strict=True)]
+    write(
+        "occlusion",
+        figures.occlusion_figure(i.shown, heat, captions, "occlusion, top-1 class"),
+        {"heat": heat, "target": i.top1.cpu().numpy()},
+        {"figure": "occlusion", **_plain(cfg.occlusion), "window": window, "stride": stride},
+    )
+
+
+def _weights(cfg: DictConfig, i: Inputs, write: Writer) -> None:
+    hist = pictures.weight_histograms(i.model, int(cfg.weights.bins))
+    arrays = {f"{k}.counts": c for k, (c, _) in hist.items()} | {
+        f"{k}.edges": e for k, (_, e) in hist.items()
+    }
+    write(
+        "weights",
+        figures.histogram_grid(hist, f"weights of {i.clf.name}, per layer"),
+        arrays,
+        {"figure": "weights", "layers": list(hist), **_plain(cfg.weights)},
+    )
+
+
+def _ascent(cfg: DictConfig) -> Ascent:
     a = cfg.actmax
-    settings = Ascent(
+    return Ascent(
         steps=int(a.steps),
         lr=float(a.lr),
         init_std=float(a.init_std),
@@ -283,48 +306,39 @@ def _actmax(
         scales=(float(a.scales[0]), float(a.scales[1])),
         seed=int(cfg.seed),
     )
-    size = int(a.size or clf.input_size)
+
+
+def _actmax(cfg: DictConfig, i: Inputs, device: torch.device, budget: float, write: Writer) -> None:
+    """Activation maximisation of the chosen channels of a layer, then of the chosen classes."""
+    settings, size = _ascent(cfg), int(cfg.actmax.size or i.clf.input_size)
     for what, layer_name, units in (
-        ("channels", plan["actmax_layer"], plan["channels"]),
-        ("classes", None, plan["classes"]),
+        ("channels", i.plan["actmax_layer"], i.plan["channels"]),
+        ("classes", None, i.plan["classes"]),
     ):
         if not units:
             continue
-        objective = Objective(fast, layer_name, clf.mean, clf.std)
-        chunk = a.chunk_size or _chunk(objective, units, size, device, float(cfg.device.memory_budget))
+        objective = Objective(i.fast, layer_name, i.clf.mean, i.clf.std)
+        chunk = cfg.actmax.chunk_size or _chunk(objective, units, size, device, budget)
         started = time.perf_counter()
         images, start, end = maximise(objective, units, size, settings, device, chunk)
         seconds = time.perf_counter() - started
-        names = clf.class_names
+        names = i.clf.class_names
         labels = [
             f"{'class ' + names[u] if layer_name is None else f'channel {u}'}: {s:.2g} → {e:.2g}"
             for u, s, e in zip(units, start.tolist(), end.tolist(), strict=True)
         ]
-        stem = f"actmax_{_safe(layer_name or 'classes')}"
         where = "output classes" if layer_name is None else layer_name
+        title = f"activation maximisation of {where} ({settings.steps} steps)"
         write(
-            stem,
-            figures.image_grid(
-                images.permute(0, 2, 3, 1).cpu().numpy(),
-                labels,
-                f"activation maximisation of {where} ({settings.steps} steps)",
-            ),
+            f"actmax_{_safe(layer_name or 'classes')}",
+            figures.image_grid(images.permute(0, 2, 3, 1).cpu().numpy(), labels, title),
+            {"images": images.cpu().numpy(), "units": np.array(units), "start": start.numpy(),
+             "end": end.numpy()},
             {
-                "images": images.cpu().numpy(),
-                "units": np.array(units),
-                "start": start.numpy(),
-                "end": end.numpy(),
+                "figure": "actmax", "layer": layer_name, what: units, "size": size, "chunk_size": chunk,
+                "seconds": round(seconds, 2), **settings.as_dict(),
             },
-            {
-                "figure": "actmax",
-                "layer": layer_name,
-                what: units,
-                "size": size,
-                "chunk_size": chunk,
-                "seconds": round(seconds, 2),
-                **settings.as_dict(),
-            },
-        )
+        )  # fmt: skip
         log.info(
             "activation maximisation of %d %s of %s: %.1f s, chunks of %d",
             len(units),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.config import HarnessError
 
 
 def conv_layers(model: nn.Module) -> list[str]:

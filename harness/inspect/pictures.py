@@ -55,7 +55,7 @@ def filter_tiles(
 
 
 @contextmanager
-def _outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def outputs(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Forward hooks that keep the outputs of layers `names`, removed on leaving."""
     kept: dict[str, torch.Tensor] = {}
     handles = []
@@ -73,7 +73,7 @@ def feature_maps(
     model: nn.Module, images: torch.Tensor, names: Sequence[str], max_channels: int
 ) -> dict[str, np.ndarray]:
     """Each layer's output for the images, its first `max_channels` channels: `[B, C, h, w]`."""
-    with _outputs(model, names) as kept, torch.no_grad():
+    with outputs(model, names) as kept, torch.no_grad():
         model(images)
     return {n: kept[n][:, :max_channels].float().cpu().numpy() for n in names}
 

@@ -32,10 +32,9 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from harness.device import SpeedOptions
 from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.models import efficientnet_lite0
-from harness.timing import machine_id, timed
+from harness.runtime import SpeedOptions, machine_id, timed
 
 CPU = torch.device("cpu")
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from pathlib import Path
 
 from harness.report.page import write_page
 from harness.report.plots import plot_curves, plot_grid, plot_time_vs_insertion
+from harness.report.rows import load_rows
 from harness.report.sanity import write_sanity
 from harness.report.speed import write_timing
 from harness.report.statistics import verdict
 from harness.report.tables import GROUP, markdown
-from harness.results import atomic_write, load_rows
-from harness.resume import remove_temporaries
+from harness.results import atomic_write, remove_temporaries
 
 __all__ = ["write_report"]
 log = logging.getLogger("harness.report")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness.checks import output_problem
+from harness.config import output_problem
 from harness.report import __doc__ as doc
 from harness.report import write_report
 

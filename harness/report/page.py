@@ -25,9 +25,10 @@ import pandas as pd
 from PIL import Image
 
 from harness.report.examples import examples
+from harness.report.rows import value_fields
 from harness.report.statistics import ALPHA, KEYS, Verdict, against_random, summary
 from harness.report.tables import headline, one, settings
-from harness.results import atomic_write, value_fields
+from harness.results import atomic_write
 
 PNG_LIMIT = 400_000  # bytes: a larger plot (a grid of photos) goes into the page as JPEG
 

@@ -15,8 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from harness.report.rows import metric_names, value_fields  # noqa: E402
 from harness.report.tables import label, one  # noqa: E402
-from harness.results import atomic_write, metric_names, read_maps, value_fields  # noqa: E402
+from harness.results import atomic_write, read_maps  # noqa: E402
 
 GRID_IMAGES = 8  # rows of the grid: a figure to look at, not every image of a large sweep
 

@@ -22,7 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness.report.plots import save_figure  # noqa: E402
-from harness.results import atomic_write, metric_names, value_fields  # noqa: E402
+from harness.report.rows import metric_names, value_fields  # noqa: E402
+from harness.results import atomic_write  # noqa: E402
 
 # Options a speed sweep varies; the plain path is fp32, eager, no TF32.
 OPTIONS = ["precision", "channels_last", "cudnn_benchmark", "tf32", "compile", "memory_budget"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results import metric_names, value_fields
+from harness.report.rows import metric_names, value_fields
 
 GROUP = ["model", "data", "device"]
 ARROW = {"higher": "↑", "lower": "↓"}

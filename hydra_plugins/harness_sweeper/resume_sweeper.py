@@ -4,10 +4,10 @@ Hydra's `BasicSweeper` composes every job's config in the sweeping process to ca
 errors early, then hands all jobs to the launcher. `ResumeSweeper` composes each job too, through
 `JobComposer` (one full composition per distinct set of config-group choices, the other overrides
 applied per job: milliseconds a job instead of a tenth of a second), and decides from the job's
-folder alone (`harness.resume.job_state`) whether the job already has complete results of the same
+folder alone (`harness.sweep.job_state`) whether the job already has complete results of the same
 config; only the other jobs go to the launcher. A resumed sweep of thousands of Slurm jobs then
 submits only the unfinished ones instead of an array of no-op tasks, and a finished sweep resumes
-without starting a single job. Each job still checks its folder itself (`harness.app.prepare`), so
+without starting a single job. Each job still checks its folder itself (`harness.sweep.app.main`), so
 a launcher fed by another sweeper skips the same jobs, later. Its first line says how many jobs the
 sweep has and how many will run.
 
@@ -28,9 +28,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from harness.checks import check_config
-from harness.errors import HarnessError
-from harness.resume import SKIPPED, job_state
+from harness.config import HarnessError, check_config
+from harness.sweep.resume import SKIPPED, job_state
 from hydra_plugins.harness_sweeper.composer import JobComposer
 
 log = logging.getLogger("harness")

@@ -12,7 +12,7 @@ import torch
 
 import methods
 from harness.models import small_cnn, torchvision_classifier
-from harness.timing import machine_id, synchronize
+from harness.runtime import machine_id, synchronize
 from metrics import deletion, insertion
 
 # Many rounds: on a shared CPU the speed drifts between runs; the median needs them.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.timing import machine_id
+from harness.runtime import machine_id
 from hydra_plugins.harness_sweeper.composer import JobComposer
 from hydra_plugins.harness_sweeper.resume_sweeper import plan
 from tests.sweep_at_scale import loader_and_master, seed_jobs, write_finished

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from harness.data import photos
 from harness.models import small_cnn
-from harness.timing import machine_id, synchronize
+from harness.runtime import machine_id, synchronize
 from metrics.imputation import linear_fill
 from metrics.road import road
 

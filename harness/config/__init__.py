@@ -1,0 +1,53 @@
+"""Settings, checked once: the one error type for bad input, checks of every config node against
+the function it builds, the typed settings (`Settings`: `DeviceSettings`, `TimingSettings`,
+`JobSettings`) and the hashes that identify a job's results and maps.
+
+Nothing here imports torch: the sweep checks and hashes every job before it launches any.
+"""
+
+from harness.config.checks import CHOSEN_BY_JOB, check_node, describe, matches
+from harness.config.errors import HarnessError, MissingFile, first_line
+from harness.config.keys import cache_root, config_hash, digest, explain_key, file_sha256, weights_sha256
+from harness.config.paths import check_paths, names_a_file, output_problem, read_listing
+from harness.config.settings import (
+    COMPILE_MODES,
+    DEVICES,
+    PHASES,
+    PRECISIONS,
+    DeviceSettings,
+    JobSettings,
+    Settings,
+    SpeedSettings,
+    TimingSettings,
+    check_config,
+)
+
+__all__ = [
+    "CHOSEN_BY_JOB",
+    "COMPILE_MODES",
+    "DEVICES",
+    "PHASES",
+    "PRECISIONS",
+    "DeviceSettings",
+    "HarnessError",
+    "JobSettings",
+    "MissingFile",
+    "Settings",
+    "SpeedSettings",
+    "TimingSettings",
+    "cache_root",
+    "check_config",
+    "check_node",
+    "check_paths",
+    "config_hash",
+    "describe",
+    "digest",
+    "explain_key",
+    "file_sha256",
+    "first_line",
+    "matches",
+    "names_a_file",
+    "output_problem",
+    "read_listing",
+    "weights_sha256",
+]

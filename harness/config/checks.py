@@ -1,0 +1,165 @@
+"""Check a config node against the function it builds (or the typed settings it becomes).
+
+Every config node with a `_target_` (the model, the data, the method, each metric) names a function
+whose signature says which settings exist and what type each takes; the device and timing nodes
+are read against their dataclasses (`harness.config.settings`). `check_node` refuses a setting the
+function does not take (suggesting the closest one), a value of the wrong type (`method.window=abc`)
+and a required value left out (`data.root: ???`), each with one line naming the bad value and what
+would be right. Ranges and allowed strings stay with the functions' own checks.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import functools
+import inspect
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from harness.config.errors import HarnessError
+
+# Arguments that the harness passes itself when it builds a node (never settings of the config).
+PASSED = {"data": ("size", "mean", "std", "class_names")}
+# Settings of a method or metric that a null (or `auto`) value leaves to the job, which chooses them
+# from the model and the calibration (`harness.job.builder.filled`).
+CHOSEN_BY_JOB = ("chunk_size", "layer", "layout", "blocks")
+
+
+def describe(tp: Any) -> str:
+    """A type as words: `int | None` -> `an integer or null`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe(a) for a in args))
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def matches(value: Any, tp: Any) -> bool:
+    """Whether a plain config value (from `OmegaConf.to_container`) has the annotated type; types
+    a config cannot hold (modules, callables) match anything.
+    """
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any or tp is object:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        inner = [a for a in args if a is not Ellipsis]
+        if origin is tuple and inner and Ellipsis not in args:
+            return len(value) == len(inner) and all(matches(v, a) for v, a in zip(value, inner, strict=True))
+        return not inner or all(matches(v, inner[0]) for v in value)
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    return True
+
+
+@functools.cache
+def _signature(target: str) -> tuple[Any, dict[str, Any]]:
+    """The parameters and annotations of the function a `_target_` names (once per process)."""
+    try:
+        fn = get_object(target)
+    except Exception:  # noqa: BLE001 (the user's import errors of any type)
+        return None, {}
+    try:
+        params = dict(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return {}, {}
+    return params, _hints(fn)
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    """The function's parameter annotations (a dataclass's fields', its bases' included), each
+    evaluated on its own (one that names a type imported only for type checkers is left out, not an
+    error).
+    """
+    if dataclasses.is_dataclass(fn):
+        return typing.get_type_hints(fn)
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    raw = getattr(target, "__annotations__", {})
+    space = {**vars(typing), **getattr(inspect.getmodule(target), "__dict__", {})}
+    hints = {}
+    for name, ann in raw.items():
+        try:
+            hints[name] = eval(ann, space) if isinstance(ann, str) else ann  # noqa: S307 (annotations)
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return hints
+
+
+def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
+    """Check one node's settings against the signature of its `_target_`, or of `target` (a dotted
+    path to a function or dataclass) for a node that has none (the device).
+    """
+    target = target or str(node.get("_target_"))
+    params, hints = _signature(target)
+    if params is None:
+        raise HarnessError(
+            f"{where}._target_={target!r} cannot be imported; expected a dotted path to a function"
+        )
+    open_ended = not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    known = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    passed = PASSED.get(where, ())
+    for key in node:
+        key = str(key)
+        if key.startswith("_"):
+            continue
+        if key not in params and not open_ended:
+            settings = [
+                n
+                for n in known
+                if n not in passed
+                and (
+                    n in node
+                    or params[n].kind is params[n].KEYWORD_ONLY
+                    or params[n].default is not params[n].empty
+                )
+            ]
+            close = difflib.get_close_matches(key, settings, n=1)
+            hint = f"did you mean {where}.{close[0]}? " if close else ""
+            raise HarnessError(
+                f"{where}.{key} is not a setting of {target.rsplit('.', 1)[-1]}; {hint}"
+                f"its settings: {', '.join(settings)}"
+            )
+        if OmegaConf.is_missing(node, key):
+            raise HarnessError(f"{where}.{key} is required; give {where}.{key}=<value>")
+        if key not in hints or OmegaConf.is_interpolation(node, key):
+            continue  # an interpolation (`${model.cam_layer}`) is checked where it points
+        if key in CHOSEN_BY_JOB and node[key] in (None, "auto"):
+            continue
+        item = node[key]
+        value = (
+            OmegaConf.to_container(item, resolve=True) if isinstance(item, (DictConfig, ListConfig)) else item
+        )
+        if not matches(value, hints[key]):
+            raise HarnessError(f"{where}.{key}={show(value)}; expected {describe(hints[key])}")
+
+
+def show(value: Any) -> str:
+    """A config value as a message shows it: strings quoted."""
+    return repr(value) if isinstance(value, str) else str(value)
