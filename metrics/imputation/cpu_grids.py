@@ -122,66 +122,26 @@ def vcycle(r0, z, presmoothed, shapes, off, sides, inv, e, r, t, half, chol, wor
     before and after on the others.
     """
     n = shapes.shape[0]
-    for k in range(n - 1):
-        h, w = shapes[k, 0], shapes[k, 1]
-        ik, sk, ek, tk = (
-            grid_view(inv, off, shapes, k),
-            sides[k],
-            grid_view(e, off, shapes, k),
-            grid_view(t, off, shapes, k),
-        )
-        rk = r0 if k == 0 else grid_view(r, off, shapes, k)
-        if k > 0 or not presmoothed:
-            smooth(ek, tk, rk, ik, sk, h, w, 1 if k == 0 else SWEEPS, True)
-        restrict(
-            ek,
-            rk,
-            ik,
-            sk,
-            tk,
-            half,
-            grid_view(r, off, shapes, k + 1),
-            grid_view(inv, off, shapes, k + 1),
-            h,
-            w,
-            shapes[k + 1, 0],
-            shapes[k + 1, 1],
-        )
-    last = n - 1
-    solve_coarsest(
-        chol,
-        grid_view(r, off, shapes, last),
-        grid_view(e, off, shapes, last),
-        shapes[last, 0],
-        shapes[last, 1],
-        work,
-    )
-    for k in range(n - 2, -1, -1):
-        h, w = shapes[k, 0], shapes[k, 1]
+    for k in range(n - 1):  # down: smooth, then restrict the residual to the next grid
+        h, w, hc, wc = shapes[k, 0], shapes[k, 1], shapes[k + 1, 0], shapes[k + 1, 1]
         ik, ek = grid_view(inv, off, shapes, k), grid_view(e, off, shapes, k)
-        prolong_add(grid_view(e, off, shapes, k + 1), ek, ik, half, h, w, shapes[k + 1, 0], shapes[k + 1, 1])
+        tk, rk = grid_view(t, off, shapes, k), r0 if k == 0 else grid_view(r, off, shapes, k)
+        if k > 0 or not presmoothed:
+            smooth(ek, tk, rk, ik, sides[k], h, w, 1 if k == 0 else SWEEPS, True)
+        rc, ic = grid_view(r, off, shapes, k + 1), grid_view(inv, off, shapes, k + 1)
+        restrict(ek, rk, ik, sides[k], tk, half, rc, ic, h, w, hc, wc)
+    last = n - 1
+    er, rr = grid_view(e, off, shapes, last), grid_view(r, off, shapes, last)
+    solve_coarsest(chol, rr, er, shapes[last, 0], shapes[last, 1], work)
+    for k in range(n - 2, -1, -1):  # up: add the coarse correction, then smooth
+        h, w, hc, wc = shapes[k, 0], shapes[k, 1], shapes[k + 1, 0], shapes[k + 1, 1]
+        ik, ek = grid_view(inv, off, shapes, k), grid_view(e, off, shapes, k)
+        prolong_add(grid_view(e, off, shapes, k + 1), ek, ik, half, h, w, hc, wc)
         if k > 0:
-            smooth(
-                ek,
-                grid_view(t, off, shapes, k),
-                grid_view(r, off, shapes, k),
-                ik,
-                sides[k],
-                h,
-                w,
-                SWEEPS,
-                False,
-            )
-    return last_sweep(
-        grid_view(e, off, shapes, 0),
-        r0,
-        grid_view(inv, off, shapes, 0),
-        sides[0],
-        z,
-        scratch,
-        shapes[0, 0],
-        shapes[0, 1],
-    )
+            tk, rk = grid_view(t, off, shapes, k), grid_view(r, off, shapes, k)
+            smooth(ek, tk, rk, ik, sides[k], h, w, SWEEPS, False)
+    e0, i0 = grid_view(e, off, shapes, 0), grid_view(inv, off, shapes, 0)
+    return last_sweep(e0, r0, i0, sides[0], z, scratch, shapes[0, 0], shapes[0, 1])
 
 
 @njit(**OPTS)

@@ -130,76 +130,93 @@ class Solver:
         error estimate `max |M r|` is within `tol` (its step sizes become 0), then confirmed from the
         true residual.
         """
-        hier, groups, tol = self.hier, self.groups, self.tol
-        if not hier.grids:  # small enough for the dense solve
-            return self.known + hier.solve_coarsest(self.residual(torch.zeros_like(self.known)))
-        fine, below = hier.grids[0], hier.below[0]
-        plans = [fine.plan(g, below) for g in groups]
-        b, c, h, w = self.known.shape
-        p_padded = self.known.new_zeros(b, c, h + 2, w + 2)
+        if not self.hier.grids:  # small enough for the dense solve
+            return self.known + self.hier.solve_coarsest(self.residual(torch.zeros_like(self.known)))
+        cg = _Iteration(self)
+        fresh = True  # `r` is the true residual
+        for _ in range(self.max_iter):
+            if not bool(cg.active.any()):
+                if fresh:
+                    break
+                cg.confirm()  # from the true residual; go on where it disagrees
+                fresh = True
+                if not bool(cg.active.any()):
+                    break
+            fresh = False
+            cg.step()
+        else:
+            if not fresh:
+                cg.confirm()
+            warn_unconverged(cg.est, self.tol, self.max_iter)
+        return cg.x.add_(self.known)
+
+
+class _Iteration:
+    """The state of one run of `Solver`: the iterate `x`, residual `r` and direction `p`, worked a group
+    of images at a time (`views`, `plans`), and per (image, channel) `r.z`, the error estimate `est`
+    and whether the system is still `active`.
+    """
+
+    def __init__(self, solver: Solver) -> None:
+        self.solver = s = solver
+        fine, below = s.hier.grids[0], s.hier.below[0]
+        self.plans = [fine.plan(g, below) for g in s.groups]
+        b, c, h, w = s.known.shape
+        p_padded = s.known.new_zeros(b, c, h + 2, w + 2)
         p = p_padded[..., 1:-1, 1:-1]
-        x = self.fmg()
-        r = self.residual(x)
-        views = [
+        self.x = s.fmg()
+        self.r = s.residual(self.x)
+        self.views = [
             (
-                x[g],
-                r[g],
+                self.x[g],
+                self.r[g],
                 p[g],
                 Blur(p_padded[g], fine.rows[: g.stop - g.start], fine.blurred[: g.stop - g.start]),
             )
-            for g in groups
+            for g in s.groups
         ]
-        everyone = [True] * len(groups)
-        rz = r.new_empty(b, c)
-        est = r.new_empty(b, c)
+        self.rz = self.r.new_empty(b, c)
+        self.est = self.r.new_empty(b, c)
+        self.restart()
 
-        def start() -> None:
-            """The direction `p = M r`, its `r.z` and error estimate, from the residual now in `r`."""
-            for g, z, (_, r_g, p_g, _) in zip(
-                groups, self.precondition(plans, views, everyone), views, strict=True
-            ):
-                assert z is not None
-                p_g.copy_(z)
-                rz[g] = self.dot(r_g, z)
-                est[g] = self.estimate(z)
+    def restart(self) -> None:
+        """The direction `p = M r`, its `r.z` and error estimate, from the residual now in `r`."""
+        s = self.solver
+        everyone = [True] * len(s.groups)
+        for g, z, (_, r_g, p_g, _) in zip(
+            s.groups, s.precondition(self.plans, self.views, everyone), self.views, strict=True
+        ):
+            assert z is not None
+            p_g.copy_(z)
+            self.rz[g] = s.dot(r_g, z)
+            self.est[g] = s.estimate(z)
+        self.active = self.est > s.tol
 
-        start()
-        active = est > tol
-        fresh = True  # `r` is the true residual
-        for _ in range(self.max_iter):
-            if not bool(active.any()):
-                if fresh:
-                    break
-                r.copy_(self.residual(x))  # confirm from the true residual; go on where it disagrees
-                start()
-                active = est > tol
-                fresh = True
-                if not bool(active.any()):
-                    break
-            fresh = False
-            live = [bool(active[g].any()) for g in groups]
-            for g, (x_g, r_g, p_g, blurred), plan, on in zip(groups, views, plans, live, strict=True):
-                if on:
-                    q = torch.mul(plan.diag, p_g, out=plan.start).addcmul_(plan.off, blurred(), value=-1)
-                    alpha = torch.where(active[g], rz[g] / self.dot(p_g, q), 0.0)[..., None, None]
-                    x_g.addcmul_(alpha, p_g)
-                    r_g.addcmul_(alpha, q, value=-1)
-            for g, z, (_, r_g, p_g, _) in zip(
-                groups, self.precondition(plans, views, live), views, strict=True
-            ):
-                if z is not None:
-                    rz_new = self.dot(r_g, z)
-                    beta = torch.where(active[g], rz_new / rz[g], 0.0)[..., None, None]
-                    torch.addcmul(z, beta, p_g, out=p_g)
-                    rz[g] = torch.where(active[g], rz_new, rz[g])
-                    est[g] = torch.where(active[g], self.estimate(z), est[g])
-                    active[g] &= est[g] > tol
-        else:
-            if not fresh:
-                r.copy_(self.residual(x))
-                start()
-            warn_unconverged(est, tol, self.max_iter)
-        return x.add_(self.known)
+    def confirm(self) -> None:
+        """Restart from the true residual, recomputed from the iterate (not the CG recurrence)."""
+        self.r.copy_(self.solver.residual(self.x))
+        self.restart()
+
+    def step(self) -> None:
+        """One CG step of the active systems, skipping groups with none."""
+        s, active, rz = self.solver, self.active, self.rz
+        live = [bool(active[g].any()) for g in s.groups]
+        for g, (x_g, r_g, p_g, blurred), plan, on in zip(s.groups, self.views, self.plans, live, strict=True):
+            if on:
+                q = torch.mul(plan.diag, p_g, out=plan.start).addcmul_(plan.off, blurred(), value=-1)
+                alpha = torch.where(active[g], rz[g] / s.dot(p_g, q), 0.0)[..., None, None]
+                x_g.addcmul_(alpha, p_g)
+                r_g.addcmul_(alpha, q, value=-1)
+        for g, z, (_, r_g, p_g, _) in zip(
+            s.groups, s.precondition(self.plans, self.views, live), self.views, strict=True
+        ):
+            if z is not None:
+                rz_new = s.dot(r_g, z)
+                beta = torch.where(active[g], rz_new / rz[g], 0.0)[..., None, None]
+                torch.addcmul(z, beta, p_g, out=p_g)
+                rz[g] = torch.where(active[g], rz_new, rz[g])
+                self.est[g] = torch.where(active[g], s.estimate(z), self.est[g])
+                active[g] &= self.est[g] > s.tol
 
 
 def warn_unconverged(estimates: torch.Tensor, tol: float, max_iter: int) -> None:
