@@ -131,12 +131,14 @@ def reinitialise(modules: Sequence[nn.Module], seed: int, reset_batchnorm: bool)
 
 
 def check_randomisation(
-    *, blocks: Sequence[str | Sequence[str]] = (), order: str = "cascading", **_: object
+    *, blocks: Sequence[str | Sequence[str]] | None = None, order: str = "cascading", **_: object
 ) -> None:
-    """Raise `ValueError` naming a bad setting of `model_randomisation` and what is allowed."""
+    """Raise `ValueError` naming a bad setting of `model_randomisation` and what is allowed (`blocks`
+    only when given: the job chooses `auto` blocks from the model, and the metric checks them).
+    """
     if order not in ORDERS:
         raise ValueError(f"order={order!r}; expected one of {', '.join(ORDERS)}")
-    if not blocks or any(not b for b in blocks):
+    if blocks is not None and (not blocks or any(not b for b in blocks)):
         raise ValueError(
             f"blocks={list(blocks)}; expected a non-empty list of module names (or lists of them) in "
             "forward order (set model.blocks)"

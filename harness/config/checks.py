@@ -160,6 +160,28 @@ def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
             raise HarnessError(f"{where}.{key}={show(value)}; expected {describe(hints[key])}")
 
 
+def check_declared(node: DictConfig, where: str) -> Any:
+    """Run the check that a method's or metric's function declares on itself (`fn.traits.check`, a
+    callable raising `ValueError`) on the node's settings, less those left to the job (null or `auto`,
+    `CHOSEN_BY_JOB`); returns the function's traits, or None when it declares none.
+    """
+    traits = getattr(get_object(str(node._target_)), "traits", None)
+    check = getattr(traits, "check", None)
+    if callable(check):
+        plain = OmegaConf.to_container(node, resolve=True)
+        assert isinstance(plain, dict)
+        given = {
+            str(k): v
+            for k, v in plain.items()
+            if not str(k).startswith("_") and not (k in CHOSEN_BY_JOB and v in (None, "auto"))
+        }
+        try:
+            check(**given)
+        except ValueError as e:
+            raise HarnessError(f"{where}: {e}") from None
+    return traits
+
+
 def show(value: Any) -> str:
     """A config value as a message shows it: strings quoted."""
     return repr(value) if isinstance(value, str) else str(value)

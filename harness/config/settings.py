@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.checks import check_node, describe, matches, show
+from harness.config.checks import check_declared, check_node, describe, matches, show
 from harness.config.errors import HarnessError
 from harness.config.paths import check_paths
 
@@ -245,11 +245,26 @@ def _check_nodes(cfg: DictConfig) -> None:
         check_node(node, f"metric.{name}")
 
 
+def _check_functions(cfg: DictConfig, phase: str) -> None:
+    """The method's and metrics' own checks of their settings (`check_declared`), and no metric that
+    re-runs the method with `phase=evaluate`, which runs none.
+    """
+    check_declared(cfg.method, "method")
+    for name, node in cfg.metric.items():
+        needs = getattr(check_declared(node, f"metric.{name}"), "needs", ())
+        if {"explain", "explain_with"} & set(needs) and phase == "evaluate":
+            raise HarnessError(
+                f"metric {name} re-runs the method, which phase=evaluate does not run; use phase=all"
+            )
+
+
 def check_config(cfg: DictConfig) -> Settings:
-    """Check the job's model, data, method and metric nodes against their functions, the files they
-    name, and the device, timing and top-level settings; returns the typed settings.
+    """Check everything about a job that needs no model: its model, data, method and metric nodes
+    against their functions, the device, timing and top-level settings, the method's and metrics' own
+    checks of their settings, and the files the config names; returns the typed settings.
     """
     _check_nodes(cfg)
     settings = Settings.from_config(cfg)
+    _check_functions(cfg, settings.job.phase)
     check_paths(cfg, settings.job.maps_from if settings.job.phase == "evaluate" else None)
     return settings

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from harness.config import CHOSEN_BY_JOB, HarnessError, Settings
+from harness.config import CHOSEN_BY_JOB, HarnessError, Settings, check_config
 from harness.data import Images, load_data
 from harness.models import Classifier
 from harness.runtime import (
@@ -88,19 +88,19 @@ def build(
 ) -> Job:
     """Instantiate the job's model, data, method and metrics on its device, with its speed options.
 
-    Every setting that can be checked without the model is checked first (each metric's parameters
-    here; the device, timing and top-level settings in `settings`), so that a bad value fails before
-    any model work. When `device.batch_size` (plain forwards) or `device.grad_batch_size`
+    Every setting that can be checked without the model was checked with the config
+    (`harness.config.check_config`: here when `settings` is not given), so that a bad value fails
+    before any model work. When `device.batch_size` (plain forwards) or `device.grad_batch_size`
     (forward+backward) is null, the candidate `device.batch_sizes` that fit the memory budget are
     timed and the chunk size is chosen, once per sweep: the first job measures and writes the figures
     to `calibration_dir` (the sweep's folder), the others read them (see `harness.runtime.calibration`).
     """
-    settings = settings or Settings.from_config(cfg)
+    settings = settings or check_config(cfg)
     clock = clock or Stopwatch()
     name = function_name(cfg.method)
     method = instantiate(cfg.method)
     traits = _method_traits(method, name)
-    metrics = _metric_functions(cfg, settings.job.phase)
+    metrics = _metric_functions(cfg)
     device = device or resolve_device(settings.device.name)
     options = SpeedOptions.from_settings(settings.device)
     options.apply_backend_flags()
@@ -213,28 +213,15 @@ def _method_traits(method: Any, name: str) -> MethodTraits:
         raise HarnessError(f"method {name}: {e}") from None
 
 
-def _metric_functions(cfg: DictConfig, phase: str) -> dict[str, Any]:
-    """The selected metrics, each instantiated once and checked by the metric's own `check` (a null
-    chunk size, which the job chooses later, aside): a bad value fails here, before any model work.
+def _metric_functions(cfg: DictConfig) -> dict[str, Any]:
+    """The selected metrics, each instantiated once (their settings were checked with the config,
+    `harness.config.check_config`), each marked as a metric.
     """
-    if not cfg.metric:
-        raise HarnessError("no metric selected; use e.g. metric=[deletion,insertion]")
     built = {}
     for name, node in cfg.metric.items():
-        fn = instantiate(node)
+        built[str(name)] = fn = instantiate(node)
         try:
-            traits = metric_traits(fn)
+            metric_traits(fn)
         except TypeError as e:
             raise HarnessError(f"metric {name}: {e}") from None
-        if RERUNS & traits.needs and phase == "evaluate":
-            raise HarnessError(
-                f"metric {name} re-runs the method, which phase=evaluate does not run; use phase=all"
-            )
-        if traits.check is not None:
-            given = {k: v for k, v in fn.keywords.items() if not (k == "chunk_size" and v is None)}
-            try:
-                traits.check(**given)
-            except ValueError as e:
-                raise HarnessError(f"metric.{name}: {e}") from None
-        built[str(name)] = fn
     return built

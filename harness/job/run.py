@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import HarnessError, Settings, config_hash, explain_key, weights_sha256
+from harness.config import HarnessError, Settings, check_config, config_hash, explain_key, weights_sha256
 from harness.job.builder import Job, build, settings_of
 from harness.job.files import maps_arrays, tables
 from harness.job.measured import Measured, kernels_table, measure_call
@@ -46,10 +46,10 @@ def run_job(
         out: the job's folder.
         calibration_dir: the sweep's folder, where its jobs share one calibration (None: measure).
         started: `time.perf_counter()` when the job began (default: now), for `job_s`.
-        settings: the config's typed settings, checked (default: read from `cfg` here).
+        settings: the config's typed settings, checked (default: `check_config(cfg)` here).
     """
     clock = Stopwatch(started)
-    settings = settings or Settings.from_config(cfg)
+    settings = settings or check_config(cfg)
     config = config_hash(cfg)
     with job_device(resolve_device(settings.device.name)) as device:
         key = explain_key(cfg, device.type)
