@@ -22,7 +22,7 @@ test: $(STAMP)
 # Benchmarks (never part of `make test`). A baseline per machine lives in results/benchmarks/<machine>/;
 # `make bench` compares with it, `make bench-check` fails when a median is over 15% slower, and
 # `make bench-baseline` saves a new one (commit it).
-BENCH_DIR = results/benchmarks/$(shell $(PY) -c "from harness.timing import machine_id; print(machine_id())")
+BENCH_DIR = results/benchmarks/$(shell $(PY) -c "from harness.runtime import machine_id; print(machine_id())")
 BENCH = $(PY) -m pytest -q tests/benchmarks --benchmark-enable --benchmark-storage=file://$(BENCH_DIR) \
 	--benchmark-columns=min,median,iqr,rounds --benchmark-sort=name
 BASELINE = $(firstword $(subst _, ,$(notdir $(lastword $(wildcard $(BENCH_DIR)/*/*_baseline.json)))))

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
 
-from methods.common import chunked, method
+from methods.common import Count, chunked, method
 
 
 def _layer(model: nn.Module, layer: str) -> nn.Module:
@@ -27,6 +28,7 @@ def _layer(model: nn.Module, layer: str) -> nn.Module:
 
 
 LAYOUTS = ("nchw", "nhwc", "tokens")
+Layout = Literal["nchw", "nhwc", "tokens"]
 
 
 def to_nchw(a: torch.Tensor, layout: str) -> torch.Tensor:
@@ -74,8 +76,8 @@ def grad_cam(
     target: torch.Tensor,
     *,
     layer: str,
-    layout: str = "nchw",
-    chunk_size: int = 16,
+    layout: Layout = "nchw",
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017, arXiv:1610.02391, eq. 1-2): ReLU of the layer's activations
     weighted by their spatially averaged gradients, upsampled bilinearly to the input size.
@@ -106,8 +108,8 @@ def guided_grad_cam(
     target: torch.Tensor,
     *,
     layer: str,
-    layout: str = "nchw",
-    chunk_size: int = 16,
+    layout: Layout = "nchw",
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017, section 3.1): guided backprop times the upsampled
     Grad-CAM map. `[B, C, H, W]`; layers with `nchw` output only.

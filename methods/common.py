@@ -7,11 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import torch
+from annotated_types import Ge
 
 F = TypeVar("F", bound=Callable[..., Any])
+# A setting's range is part of its annotation, where the config's checks read it
+# (`harness.config.check_node`): `n_steps: Count = 50` refuses `method.n_steps=0` before any model work.
+Count = Annotated[int, Ge(1)]
 
 
 @dataclass(frozen=True)
@@ -27,12 +31,16 @@ class MethodTraits:
             them before every call, so that every call gives the same map.
         ground_truth: takes the images' known evidence (`ground_truth=`, a `metrics.GroundTruth`),
             as the `oracle` does; only on data that has it.
+        softmax: scores with the softmax of the logits whatever its settings (RISE), which a model
+            with one logit makes constant; the job refuses such a model (a `score=softmax` setting
+            is read from the settings).
     """
 
     forward_only: bool = False
     eager_only: bool = False
     stochastic: bool = False
     ground_truth: bool = False
+    softmax: bool = False
 
 
 def method(
@@ -41,11 +49,12 @@ def method(
     eager_only: bool = False,
     stochastic: bool = False,
     ground_truth: bool = False,
+    softmax: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
-        fn.traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth)  # type: ignore[attr-defined]
+        fn.traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth, softmax)  # type: ignore[attr-defined]
         return fn
 
     return mark

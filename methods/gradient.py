@@ -6,7 +6,10 @@ image-sample pairs) per forward pass; the harness sets it from the model's best 
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from annotated_types import Ge
 from captum.attr import (
     DeepLift,
     GradientShap,
@@ -18,12 +21,15 @@ from captum.attr import (
 )
 from torch import nn
 
-from methods.common import chunked, method
+from methods.common import Count, chunked, method
+
+# Captum's quadrature rules for the path integral of integrated gradients.
+Quadrature = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
 
 
 @method()
 def saliency(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: Count = 16
 ) -> torch.Tensor:
     """Absolute input gradient of the target logit (Simonyan et al. 2014, arXiv:1312.6034, eq. 2)."""
     explainer = Saliency(model)
@@ -32,7 +38,7 @@ def saliency(
 
 @method()
 def input_x_gradient(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: Count = 16
 ) -> torch.Tensor:
     """Input times gradient (Shrikumar et al. 2016, arXiv:1605.01713)."""
     explainer = InputXGradient(model)
@@ -41,7 +47,7 @@ def input_x_gradient(
 
 @method(eager_only=True)
 def guided_backprop(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: Count = 16
 ) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015, arXiv:1412.6806): ReLUs pass only positive
     gradients. Captum rewrites `nn.ReLU` modules; other activations keep their plain gradient.
@@ -56,9 +62,9 @@ def integrated_gradients(
     inputs: torch.Tensor,
     target: torch.Tensor,
     *,
-    n_steps: int = 50,
-    method: str = "gausslegendre",
-    chunk_size: int = 16,
+    n_steps: Count = 50,
+    method: Quadrature = "gausslegendre",
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """Integrated gradients from a zero baseline (Sundararajan et al. 2017, arXiv:1703.01365, eq. 1).
 
@@ -87,9 +93,9 @@ def smoothgrad(
     inputs: torch.Tensor,
     target: torch.Tensor,
     *,
-    nt_samples: int = 25,
-    noise_level: float = 0.15,
-    chunk_size: int = 16,
+    nt_samples: Count = 25,
+    noise_level: Annotated[float, Ge(0)] = 0.15,
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017, arXiv:1706.03825, eq. 3): mean absolute gradient over noisy
     copies. The noise std is `noise_level` times the value range of the batch (the paper's
@@ -116,7 +122,7 @@ def smoothgrad(
 
 @method(eager_only=True)
 def deeplift(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: int = 16
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: Count = 16
 ) -> torch.Tensor:
     """DeepLIFT rescale rule from a zero baseline (Shrikumar et al. 2017, arXiv:1704.02685).
 
@@ -132,9 +138,9 @@ def gradient_shap(
     inputs: torch.Tensor,
     target: torch.Tensor,
     *,
-    n_samples: int = 20,
-    stdevs: float = 0.1,
-    chunk_size: int = 16,
+    n_samples: Count = 20,
+    stdevs: Annotated[float, Ge(0)] = 0.1,
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """GradientSHAP (Lundberg and Lee 2017, arXiv:1705.07874).
 

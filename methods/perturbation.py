@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import torch
+from annotated_types import Interval
 from captum.attr import Occlusion
 from torch import nn
 
-from methods.common import method
+from methods.common import Count, method
 
 SCORES = ("softmax", "logit")
+Score = Literal["softmax", "logit"]
 
 
 def _scorer(model: nn.Module, score: str) -> nn.Module:
@@ -25,11 +29,11 @@ def occlusion(
     inputs: torch.Tensor,
     target: torch.Tensor,
     *,
-    window: int = 32,
-    stride: int = 16,
+    window: Count = 32,
+    stride: Count = 16,
     baseline: float = 0.0,
-    score: str = "softmax",
-    chunk_size: int = 16,
+    score: Score = "softmax",
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """Occlusion (Zeiler and Fergus 2014, arXiv:1311.2901): the drop in the target's score when a
     `window` x `window` square (all channels) is set to `baseline`, averaged over the windows that
@@ -115,17 +119,17 @@ def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int],
     return torch.lerp(left, right, fc[:, None, :])[:, None]
 
 
-@method(forward_only=True, stochastic=True)
+@method(forward_only=True, stochastic=True, softmax=True)
 @torch.no_grad()
 def rise(
     model: nn.Module,
     inputs: torch.Tensor,
     target: torch.Tensor,
     *,
-    n_masks: int = 2000,
-    cells: int = 7,
-    p_keep: float = 0.5,
-    chunk_size: int = 16,
+    n_masks: Count = 2000,
+    cells: Count = 7,
+    p_keep: Annotated[float, Interval(gt=0, lt=1)] = 0.5,
+    chunk_size: Count = 16,
 ) -> torch.Tensor:
     """RISE (Petsiuk, Das, Saenko 2018, arXiv:1806.07421, eq. 6): the mean of random masks weighted
     by the target's softmax probability on the masked image, divided by `p_keep`.

@@ -41,7 +41,7 @@ def _serve() -> None:  # pragma: no cover (runs in the server process)
     entry = {
         "harness": harness.sweep.cli,
         "harness.report": lambda: harness.report.__main__.main(sys.argv[1:]),
-        "harness.inspect": harness.inspect.app.main,
+        "harness.inspect": harness.inspect.app.cli,
     }
     for line in sys.stdin:
         req = json.loads(line)

@@ -220,7 +220,7 @@ def test_single_run_with_image_folder(tmp_path):
         (["data=image_folder", "data.root=/no/such/folder"], "/no/such/folder"),
         (["method=occlusion", "method.window=8", "method.stride=5"], "window=8, stride=5"),
         (["device.precision=fp8"], "device.precision='fp8'"),
-        (["timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
+        (["timing.max_repeats=0"], "timing.max_repeats=0; expected an integer >= 1"),
         (
             ["metric=[max_sensitivity]", "metric.max_sensitivity.n_samples=0"],
             "metric.max_sensitivity: n_samples=0",

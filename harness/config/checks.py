@@ -5,7 +5,9 @@ whose signature says which settings exist and what type each takes; the device a
 are read against their dataclasses (`harness.config.settings`). `check_node` refuses a setting the
 function does not take (suggesting the closest one), a value of the wrong type (`method.window=abc`)
 and a required value left out (`data.root: ???`), each with one line naming the bad value and what
-would be right. Ranges and allowed strings stay with the functions' own checks.
+would be right. A setting's range is part of its annotation (`Annotated[int, Ge(1)]`, with the
+`annotated_types` markers `Ge`, `Gt`, `Le`, `Lt`, `Interval`), so that `method.n_steps=0` is refused
+here too; what ties several settings together stays with the functions' own checks (`check_declared`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -31,28 +36,72 @@ PASSED = {"data": ("size", "mean", "std", "class_names")}
 CHOSEN_BY_JOB = ("chunk_size", "layer", "layout", "blocks")
 
 
+def bounds(tp: Any) -> Iterator[tuple[str, Any]]:
+    """The bounds an `Annotated` type declares, as `(operator, value)` pairs: `(">=", 1)`."""
+    for mark in get_args(tp)[1:] if get_origin(tp) is Annotated else ():
+        for one in mark if isinstance(mark, at.GroupedMetadata) else [mark]:
+            for name, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+                if isinstance(one, at.BaseMetadata) and getattr(one, name, None) is not None:
+                    yield op, getattr(one, name)
+
+
+def _within(value: Any, op: str, bound: Any) -> bool:
+    checks = {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}
+    return bool(checks[op])
+
+
 def describe(tp: Any) -> str:
-    """A type as words: `int | None` -> `an integer or null`."""
+    """A type as words: `int | None` -> `an integer or null`; `Annotated[int, Ge(1)]` -> `an integer
+    >= 1`.
+
+    Example:
+        >>> describe(Annotated[float, at.Interval(gt=0, le=1)] | None)
+        'a number in (0, 1] or null'
+    """
     origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return f"{describe(args[0])} {_limits(dict(bounds(tp)))}".strip()
     if origin in (Union, types.UnionType):
         return " or ".join(dict.fromkeys(describe(a) for a in args))
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
+    if origin is tuple and args and Ellipsis not in args:
+        return f"a list of {len(args)} ({', '.join(describe(a) for a in args)})"
     if origin in (list, tuple, collections.abc.Sequence):
-        return "a list"
+        inner = [a for a in args if a is not Ellipsis]
+        return f"a list of ({describe(inner[0])})" if inner and inner[0] is not Any else "a list"
     if origin in (dict, collections.abc.Mapping):
         return "a mapping"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    names = {
+        int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null",
+        list: "a list", tuple: "a list", dict: "a mapping",
+    }  # fmt: skip
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+def _limits(limits: dict[str, Any]) -> str:
+    low = [op for op in (">", ">=") if op in limits]
+    high = [op for op in ("<", "<=") if op in limits]
+    if low and high:
+        left, right = "(" if low[0] == ">" else "[", ")" if high[0] == "<" else "]"
+        return f"in {left}{limits[low[0]]}, {limits[high[0]]}{right}"
+    return " and ".join(f"{op} {b}" for op, b in limits.items())
+
+
 def matches(value: Any, tp: Any) -> bool:
-    """Whether a plain config value (from `OmegaConf.to_container`) has the annotated type; types
-    a config cannot hold (modules, callables) match anything.
+    """Whether a plain config value (from `OmegaConf.to_container`) has the annotated type, within
+    its declared bounds; a number must be finite. Types a config cannot hold (modules, callables)
+    match anything.
+
+    Example:
+        >>> matches(1, float), matches(0, Annotated[int, at.Ge(1)]), matches(float("nan"), float)
+        (True, False, False)
     """
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any or tp is object:
         return True
+    if origin is Annotated:
+        return matches(value, args[0]) and all(_within(value, op, b) for op, b in bounds(tp))
     if origin in (Union, types.UnionType):
         return any(matches(value, a) for a in args)
     if origin is Literal:
@@ -64,9 +113,11 @@ def matches(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
+    if tp in (list, tuple, dict):
+        return isinstance(value, (list, tuple) if tp is not dict else dict)
     if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             return False
@@ -80,7 +131,7 @@ def matches(value: Any, tp: Any) -> bool:
 
 
 @functools.cache
-def _signature(target: str) -> tuple[Any, dict[str, Any]]:
+def signature(target: str) -> tuple[Any, dict[str, Any]]:
     """The parameters and annotations of the function a `_target_` names (once per process)."""
     try:
         fn = get_object(target)
@@ -99,7 +150,7 @@ def _hints(fn: Any) -> dict[str, Any]:
     error).
     """
     if dataclasses.is_dataclass(fn):
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)
     target = fn.__init__ if inspect.isclass(fn) else fn
     raw = getattr(target, "__annotations__", {})
     space = {**vars(typing), **getattr(inspect.getmodule(target), "__dict__", {})}
@@ -117,7 +168,7 @@ def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
     path to a function or dataclass) for a node that has none (the device).
     """
     target = target or str(node.get("_target_"))
-    params, hints = _signature(target)
+    params, hints = signature(target)
     if params is None:
         raise HarnessError(
             f"{where}._target_={target!r} cannot be imported; expected a dotted path to a function"
@@ -180,6 +231,31 @@ def check_declared(node: DictConfig, where: str) -> Any:
         except ValueError as e:
             raise HarnessError(f"{where}: {e}") from None
     return traits
+
+
+def _wants_float(tp: Any) -> bool:
+    """Whether an annotation takes a float and no int (`float`, `float | None`, `Annotated[float, ...]`)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return _wants_float(args[0])
+    if origin in (Union, types.UnionType):
+        return any(_wants_float(a) for a in args) and int not in args
+    return tp is float
+
+
+def as_declared(node: DictConfig) -> DictConfig:
+    """A copy of a node whose integers are floats where its function takes a float (`stdevs=1` ->
+    `1.0`), as YAML and the command line cannot tell `1` from `1.0`; libraries that assert a float
+    (Captum's `stdevs`) get one.
+    """
+    _, hints = signature(str(node.get("_target_")))
+    copy = node.copy()
+    for key, tp in hints.items():
+        if key in copy and not OmegaConf.is_interpolation(copy, key) and _wants_float(tp):
+            value = copy[key]
+            if isinstance(value, int) and not isinstance(value, bool):
+                copy[key] = float(value)
+    return copy
 
 
 def show(value: Any) -> str:

@@ -12,12 +12,13 @@ This module imports no torch: the sweep checks every job before it launches any.
 from __future__ import annotations
 
 import dataclasses
-import math
+import difflib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from annotated_types import Ge
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config.checks import check_declared, check_node, describe, matches, show
@@ -38,7 +39,7 @@ def _plain(node: Any) -> dict[str, Any]:
 
 def _check_types(cls: type, values: Mapping[str, Any], prefix: str) -> None:
     """Each value against its field's annotation in `cls` (a dataclass)."""
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     for key, value in values.items():
         if key in hints and not matches(value, hints[key]):
             raise HarnessError(f"{prefix}{key}={show(value)}; expected {describe(hints[key])}")
@@ -142,25 +143,14 @@ class TimingSettings:
         profile_s: profile a call's first passes until this many seconds have passed.
     """
 
-    budget_s: float = 2.0
-    max_repeats: int = 5
-    warmup_passes: int = 1
+    budget_s: Annotated[float, Ge(0)] = 2.0
+    max_repeats: Annotated[int, Ge(1)] = 5
+    warmup_passes: Annotated[int, Ge(0)] = 1
     profile: bool = True
-    profile_s: float = 0.1
+    profile_s: Annotated[float, Ge(0)] = 0.1
 
     def __post_init__(self) -> None:
-        limits = {"budget_s": 0, "max_repeats": 1, "warmup_passes": 0, "profile_s": 0}
-        for key, low in limits.items():
-            value = getattr(self, key)
-            if (
-                not isinstance(value, (int, float))
-                or isinstance(value, bool)
-                or not math.isfinite(value)
-                or value < low
-            ):
-                raise HarnessError(f"timing.{key}={value!r}; expected a number >= {low}")
-        if not isinstance(self.profile, bool):
-            raise HarnessError(f"timing.profile={self.profile!r}; expected true or false")
+        _check_types(type(self), dataclasses.asdict(self), "timing.")
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> TimingSettings:
@@ -227,7 +217,28 @@ class Settings:
         )
 
 
+# The config's nodes; with `JobSettings`' fields, every top-level key a job's config may hold (the
+# sweeper's copy holds Hydra's own node too).
+NODES = ("model", "data", "method", "metric", "device", "timing")
+
+
+def _check_top_level(cfg: DictConfig) -> None:
+    """No top-level key but the nodes and the job's settings: `+modle=small_cnn` and `+seeed=3` add a
+    key that nothing reads, and are refused with the closest valid key.
+    """
+    known = [*NODES, *(f.name for f in dataclasses.fields(JobSettings))]
+    for key in map(str, cfg):
+        if key not in known and key != "hydra":
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            group = f" ({close[0]}=<name> chooses a {close[0]} config)" if close and close[0] in NODES else ""
+            raise HarnessError(
+                f"{key} is not a setting of the harness; {hint}its settings: {', '.join(known)}{group}"
+            )
+
+
 def _check_nodes(cfg: DictConfig) -> None:
+    _check_top_level(cfg)
     if not cfg.get("metric"):
         raise HarnessError("no metric selected (metric is empty); use e.g. metric=[deletion,insertion]")
     for where in ("model", "data", "method"):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from annotated_types import Interval
 from hydra.utils import get_object, instantiate
 from PIL import Image
 
@@ -44,6 +45,27 @@ def to_model_input(rgb: np.ndarray, size: int, mean: Sequence[float], std: Seque
     t = torch.from_numpy(np.array(rgb, dtype=np.uint8, copy=True)).permute(2, 0, 1)
     t = TF.resize(t, [size, size], antialias=True).float().div_(255)
     return TF.normalize(t, list(mean), list(std))
+
+
+def pixels(im: Image.Image) -> np.ndarray:
+    """An image's pixels as `[H, W, 3]` uint8, scaled from its depth, never clipped: 16-bit grey
+    (`I;16`, PNG and TIFF) by 255/65535; 32-bit integer grey (`I`) the same when it exceeds 255;
+    floating-point grey (`F`) from [0, 1] when it lies there, else from [0, 255]; the rest through
+    Pillow's RGB conversion (palette, alpha, CMYK, 1-bit).
+
+    Example:
+        >>> pixels(Image.fromarray(np.array([[0, 257, 65535]], dtype=np.uint16)))[0, :, 0].tolist()
+        [0, 1, 255]
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        scale = 257.0 if im.mode != "I" or a.max() > 255 else 1.0
+        return rgb(np.clip(np.rint(a / scale), 0, 255).astype(np.uint8))
+    if im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255 if np.nanmin(a) >= 0 and np.nanmax(a) <= 1 else a
+        return rgb(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8))
+    return np.asarray(im.convert("RGB"))
 
 
 def rgb(a: np.ndarray) -> np.ndarray:
@@ -79,7 +101,7 @@ def photos(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    num_images: int | None = None,
+    num_images: Annotated[int, Interval(ge=1, le=8)] | None = None,
 ) -> Images:
     """The eight sample photos shipped by scikit-image and matplotlib, with their ImageNet labels.
 

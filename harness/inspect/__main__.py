@@ -1,6 +1,6 @@
 """`python -m harness.inspect`: the Hydra app (see harness.inspect.app)."""
 
-from harness.inspect.app import main
+from harness.inspect.app import cli
 
 if __name__ == "__main__":
-    main()
+    cli()

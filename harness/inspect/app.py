@@ -26,11 +26,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import DeviceSettings, HarnessError, check_node
+from harness.config import DeviceSettings, HarnessError, check_node, hydra_errors_in_one_line
 from harness.data import load_data
 from harness.inspect import figures, pictures
 from harness.inspect.actmax import Ascent, Objective, best_chunk, maximise, pass_times
 from harness.inspect.layers import check_units, class_index, conv_layer, conv_layers, layer
+from harness.inspect.settings import check_known
 from harness.runtime import SpeedOptions, available_memory, image_memory, resolve_device
 
 log = logging.getLogger("harness.inspect")
@@ -60,6 +61,7 @@ def _check_settings(cfg: DictConfig) -> DeviceSettings:
     """What needs no model: the model and data nodes against their signatures, the device settings,
     then the figures' ranges and allowed values; returns the device settings.
     """
+    check_known(cfg, CONF / "inspect.yaml")
     for where in ("model", "data"):
         check_node(cfg[where], where)
     device = DeviceSettings.from_config(cfg.device)
@@ -374,3 +376,8 @@ def main(cfg: DictConfig) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"{len(written)} figures: {out}")
+
+
+def cli() -> None:
+    """`python -m harness.inspect`: the app, with Hydra's own errors in one line."""
+    hydra_errors_in_one_line(main)

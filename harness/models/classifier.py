@@ -8,10 +8,11 @@ import contextlib
 import difflib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torchvision
+from annotated_types import Ge, Gt
 from torch import nn
 
 from harness.config import HarnessError, read_listing
@@ -20,6 +21,14 @@ from harness.models.weights import load_weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Blocks = list[str | list[str]]
+# The builders' settings' types and ranges, read by the config's checks before any model work
+# (`harness.config.check_node`): a count of at least 1; an input side of at least 8 pixels (fewer give
+# maps with nothing to rank and break the models' strided stages); three channel means; three positive
+# channel deviations.
+Count = Annotated[int, Ge(1)]
+Side = Annotated[int, Ge(8)]
+Rgb = tuple[float, float, float]
+RgbScale = tuple[Annotated[float, Gt(0)], Annotated[float, Gt(0)], Annotated[float, Gt(0)]]
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Classifier:
         its class names (a file's, ImageNet's for 1000 classes, else the indices; or the names
         given), the seed of its random weights kept only when none were loaded (`pretrained`).
         """
+        check_finite(module, name)
         if class_names is None or isinstance(class_names, str):
             names = class_names_from(class_names, num_classes)
         else:
@@ -96,6 +106,17 @@ class Classifier:
             seed=None if pretrained else seed,
             blocks=plain_blocks(blocks),
             facts=dict(facts or {}),
+        )
+
+
+def check_finite(module: nn.Module, name: str) -> None:
+    """Every weight and buffer of the module finite: a NaN or inf in one makes every score NaN."""
+    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f", ... ({len(bad)} in all)" if len(bad) > 3 else "")
+        raise HarnessError(
+            f"model {name}: weights hold NaN or inf ({shown}); expected finite weights (was the "
+            "checkpoint saved after training diverged?)"
         )
 
 

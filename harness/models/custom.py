@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from harness.config import HarnessError, first_line
-from harness.models.classifier import IMAGENET_MEAN, IMAGENET_STD, Classifier, random_or_loaded
+from harness.models.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    Count,
+    Rgb,
+    RgbScale,
+    Side,
+    random_or_loaded,
+)
 from harness.models.facts import model_facts
 
 
@@ -22,10 +31,10 @@ def custom_classifier(
     weights: str | None = None,
     weights_key: str | None = None,
     weights_prefix: str | None = None,
-    num_classes: int | None = None,
-    input_size: int = 224,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
+    num_classes: Count | None = None,
+    input_size: Side = 224,
+    mean: Rgb = IMAGENET_MEAN,
+    std: RgbScale = IMAGENET_STD,
     cam_layer: str | None = "auto",
     cam_layout: str | None = "auto",
     blocks: list[str | list[str]] | str | None = "auto",

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from harness.config import HarnessError
-from harness.models.classifier import Classifier
+from harness.models.classifier import Classifier, Count, Side
 from harness.models.weights import load_weights
 
 
@@ -78,10 +78,10 @@ class EfficientNetLite(nn.Module):
 
 def efficientnet_lite0(
     weights: str | None = None,
-    input_size: int = 224,
+    input_size: Side = 224,
     cam_layer: str = "head",
     blocks: list[str | list[str]] | str | None = None,
-    num_classes: int = 1000,
+    num_classes: Count = 1000,
     weights_key: str | None = None,
     weights_prefix: str | None = None,
     class_names: str | None = None,

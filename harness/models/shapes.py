@@ -13,16 +13,18 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from annotated_types import Gt, Interval
 from torch import nn
 from torch.nn import functional as F
 
 from harness.config import HarnessError, cache_root, digest
 from harness.data import generate
-from harness.models.classifier import Classifier, seeded
+from harness.models.classifier import Classifier, Count, Side, seeded
 
 log = logging.getLogger("harness")
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -123,15 +125,15 @@ def train(
 
 
 def shapes_cnn(
-    data: Any,
-    input_size: int = 64,
-    width: int = 24,
-    train_images: int = 12000,
-    val_images: int = 2000,
-    epochs: int = 4,
-    batch_size: int = 64,
-    lr: float = 4e-3,
-    min_accuracy: float = 0.95,
+    data: Mapping[str, Any],
+    input_size: Side = 64,
+    width: Count = 24,
+    train_images: Count = 12000,
+    val_images: Count = 2000,
+    epochs: Count = 4,
+    batch_size: Count = 64,
+    lr: Annotated[float, Gt(0)] = 4e-3,
+    min_accuracy: Annotated[float, Interval(ge=0, le=1)] = 0.95,
     seed: int = 0,
     cam_layer: str = "stage3",
     blocks: list[str | list[str]] | None = None,

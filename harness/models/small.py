@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.models.classifier import Classifier, random_or_loaded
+from harness.models.classifier import Classifier, Count, Side, random_or_loaded
 
 
 class SmallCNN(nn.Module):
@@ -28,9 +28,9 @@ class SmallCNN(nn.Module):
 
 def small_cnn(
     weights: str | None = None,
-    num_classes: int = 10,
-    input_size: int = 32,
-    width: int = 16,
+    num_classes: Count = 10,
+    input_size: Side = 32,
+    width: Count = 16,
     seed: int = 0,
     cam_layer: str = "features.4",
     blocks: list[str | list[str]] | None = None,

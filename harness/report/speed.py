@@ -128,7 +128,7 @@ def option_effects(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
-# The parts of a job's overhead, in the order of the row's overhead_<part>_s fields (harness.run).
+# The parts of a job's overhead, in the order of the row's overhead_<part>_s fields (harness.job.run).
 OVERHEAD_PARTS = ("build", "calibration", "warmup", "bound_loops", "profile", "write", "other")
 
 

@@ -24,7 +24,14 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import HarnessError, check_config, digest, first_line, output_problem
+from harness.config import (
+    HarnessError,
+    check_config,
+    digest,
+    first_line,
+    hydra_errors_in_one_line,
+    output_problem,
+)
 from harness.results import ERROR_FILE, RESULT_FILES, remove_temporaries
 from harness.sweep.callback import RUNNING
 from harness.sweep.resume import SKIPPED, clear, job_state
@@ -73,15 +80,16 @@ def check_choices(overrides: list[str], conf: Path = REPO / "conf") -> None:
 
 
 def check_output(overrides: list[str], default: Path = REPO / "results" / "runs") -> None:
-    """Refuse an output folder (`hydra.sweep.dir`, `hydra.run.dir`, or the default) that is a file,
-    lies under a file, or cannot be written, before Hydra creates it.
+    """Refuse an output folder (`hydra.sweep.dir`, `hydra.run.dir`, or the default) that is empty
+    (which would write the sweep into the current folder), is a file, lies under a file, or cannot be
+    written, before Hydra creates it.
     """
-    given = [
-        a.partition("=")[2]
-        for a in overrides
-        if a.lstrip("+").startswith(("hydra.sweep.dir=", "hydra.run.dir="))
-    ]
-    for text in given or [str(default)]:
+    parts = [a.lstrip("+").partition("=") for a in overrides]
+    given = [(key, value) for key, _, value in parts if key in ("hydra.sweep.dir", "hydra.run.dir")]
+    for key, value in given:
+        if not value.strip().strip("'\"") or value.strip() == "null":
+            raise HarnessError(f"{key} is empty; expected a folder for the results ({key}=<folder>)")
+    for text in [value for _, value in given] or [str(default)]:
         if "${" in text:
             text = text[: text.index("${")]  # the part before an interpolation (`${now:...}`)
         problem = output_problem(Path(text or "."))
@@ -96,8 +104,8 @@ def check_output(overrides: list[str], default: Path = REPO / "results" / "runs"
 
 
 def cli() -> None:
-    """`python -m harness`: check the config names and the output folder, then hand over to Hydra;
-    Ctrl-C ends with one line saying how to resume.
+    """`python -m harness`: check the config names and the output folder, then hand over to Hydra
+    (whose own errors are said in one line); Ctrl-C ends with one line saying how to resume.
     """
     try:
         check_choices(sys.argv[1:])
@@ -106,7 +114,7 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
-        main()
+        hydra_errors_in_one_line(main)
     except KeyboardInterrupt:
         sweep = RUNNING.get("sweep")
         again = (

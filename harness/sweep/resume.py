@@ -32,7 +32,7 @@ def job_state(cfg: DictConfig, folder: Path) -> JobState:
     `resume=true` keeps it.
     """
     state = read_job(folder, config_hash(cfg))
-    if not (state.complete and cfg.get("resume")):
+    if not (state.complete and cfg.get("resume") is True):  # resume=maybe is refused by the check
         return state
     return replace(state, kept=True)
 

@@ -1,0 +1,93 @@
+"""Hydra's own errors, from composing the config out of the command line, as one line each.
+
+Hydra prints its composition errors over 6 to 15 lines (the override, the key, OmegaConf's
+`full_key` and `object_type`, then a hint about `HYDRA_FULL_ERROR`) and suggests `+key=value` for a
+mistyped key, which adds the typo instead. `hydra_errors_in_one_line` runs a Hydra app with Hydra's
+errors raised rather than printed, and says each in one line that names the bad key, the closest
+valid one and, for a setting of a metric that is not selected, how to select it; exit status 2.
+With `HYDRA_FULL_ERROR=1` set by the user, Hydra's own report is left as it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
+def _keys(node: Any) -> list[str]:
+    return [str(k) for k in node if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
+
+
+def composition_message(error: BaseException) -> str:
+    """One line for an error Hydra raised while composing the config.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> cfg = OmegaConf.create({"model": {"width": 16}})
+        >>> OmegaConf.set_struct(cfg, True)
+        >>> try:
+        ...     cfg.model.widht = 8
+        ... except Exception as e:
+        ...     print(composition_message(e))
+        model.widht is not a setting; did you mean model.width? its settings: width
+    """
+    if isinstance(error, OverrideParseException):
+        override = getattr(error, "override", None) or str(error).splitlines()[0].partition(": ")[2]
+        return (
+            f"cannot read the override {override.strip()!r}; quote a value that starts with ~ or holds "
+            "spaces, commas or brackets (key='~/folder'); see Hydra's override grammar"
+        )
+    cause = error if isinstance(error, OmegaConfBaseException) else error.__cause__
+    full_key = str(getattr(cause, "full_key", "") or "")
+    parent = getattr(cause, "parent_node", None)
+    if not full_key or not isinstance(parent, DictConfig):
+        return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    where, _, key = full_key.rpartition(".")
+    if where == "metric":
+        selected = _keys(parent)
+        return (
+            f"metric.{key} is set but metric {key} is not selected (metric=[{','.join(selected)}]); "
+            f"select it with metric=[{','.join([*selected, key])}], or leave out its settings"
+        )
+    known = _keys(parent)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {where + '.' if where else ''}{close[0]}? " if close else ""
+    return f"{full_key} is not a setting; {hint}its settings: {', '.join(known)}"
+
+
+@contextmanager
+def _hydra_raises() -> Iterator[bool]:
+    """Make Hydra raise its errors instead of printing them; yields whether the user asked for
+    Hydra's full report (then the errors are left to Hydra).
+    """
+    given = os.environ.get(FULL_ERROR)
+    os.environ[FULL_ERROR] = "1"
+    try:
+        yield given not in (None, "", "0")
+    finally:
+        if given is None:
+            os.environ.pop(FULL_ERROR, None)
+        else:
+            os.environ[FULL_ERROR] = given
+
+
+def hydra_errors_in_one_line(app: Callable[[], Any]) -> Any:
+    """Run a `@hydra.main` app; an error of Hydra's (composition, overrides) exits 2 with one line."""
+    with _hydra_raises() as full:
+        try:
+            return app()
+        except (HydraException, OmegaConfBaseException) as e:
+            if full:
+                raise
+            print(f"error: {composition_message(e)}", file=sys.stderr)
+            raise SystemExit(2) from None
