@@ -74,9 +74,33 @@ def files(tmp_path_factory) -> Path:
         "    def forward(self, x):\n"
         "        if x.shape[0] > 1 or x.requires_grad:\n"
         "            raise RuntimeError('boom in the model')\n"
-        "        return self.conv(x).mean(dim=(2, 3))\n"
+        "        return self.conv(x).mean(dim=(2, 3))\n\n"
+        "class OneLogit(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 1, 3)\n"
+        "    def forward(self, x):\n        return self.conv(x).mean(dim=(2, 3))\n\n"
+        "class AlwaysDropout(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return nn.functional.dropout(self.conv(x), 0.5, training=True).mean(dim=(2, 3))\n"
     )
+    torch.save(
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+        root / "nan.pt",
+    )
+    (root / "huge" / "cat").mkdir(parents=True)
+    (root / "huge" / "cat" / "big.png").write_bytes(_png_header(14000, 14000))
     return root
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that says it is `width` x `height` (its pixels left out): Pillow refuses it on opening."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + chunk + end
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +113,7 @@ def cli(tmp_path_factory):
 SMALL = ["model=small_cnn", "device=cpu", "data.num_images=1", "method=saliency", "metric=[deletion]"]
 CUSTOM = ["model=custom", "model.input_size=32", "device=cpu", "method=saliency", "metric=[deletion]"]
 FOLDER = ["data=image_folder", "data.root={d}/data"]
+INSPECT = ["model=small_cnn", "device=cpu"]
 
 # (id, arguments, the message's text) of `python -m harness -m <arguments>`; `{d}` is the folder of
 # the files above. The ids say where the bad value is.
@@ -110,7 +135,7 @@ CASES = [
     ("value/batch-size", [*SMALL, "device.batch_size=0"], "device.batch_size=0; expected null (chosen) or a positive number"),
     ("value/device-flag-text", [*SMALL, "device.fold_padding=abc"], "device.fold_padding='abc'; expected true or false"),
     ("value/device-typo-key", [*SMALL, "+device.fold_paddin=true"], "device.fold_paddin is not a setting of DeviceSettings; did you mean device.fold_padding?"),
-    ("value/timing-repeats", [*SMALL, "timing.max_repeats=0"], "timing.max_repeats=0; expected a number >= 1"),
+    ("value/timing-repeats", [*SMALL, "timing.max_repeats=0"], "timing.max_repeats=0; expected an integer >= 1"),
     ("value/timing-key", [*SMALL, "+timing.repeats=3"], "timing.repeats is not a timing setting; expected one of budget_s,"),
     ("value/phase", [*SMALL, "phase=train"], "phase='train'; expected one of all, evaluate"),
     ("value/evaluate-without-maps", [*SMALL, "phase=evaluate"], "phase=evaluate needs maps_from=<folder of a sweep run with save_maps=true>"),
@@ -119,7 +144,7 @@ CASES = [
     ("value/torchvision-weights-name", ["model=torchvision", "model.weights=IMAGENET1K_V9", "model.input_size=32", "device=cpu", "method=saliency", "metric=[deletion]"], "model.weights='IMAGENET1K_V9' is neither a file nor a weights name of resnet18; expected a checkpoint path or one of IMAGENET1K_V1, DEFAULT"),
     ("value/cam-layout", ["model=torchvision", "model.cam_layout=diagonal", "model.input_size=32", "device=cpu", "method=grad_cam", "metric=[deletion]"], "model.cam_layout='diagonal'; expected auto, nchw, nhwc, tokens"),
     ("value/cam-layer", ["model=torchvision", "model.cam_layer=layer9", "model.input_size=32", "device=cpu", "method=grad_cam", "metric=[deletion]"], "model.cam_layer='layer9' is not a module of resnet18; its top-level modules: conv1, bn1,"),
-    ("value/num-classes", ["model=torchvision", "model.num_classes=0", "device=cpu", "method=saliency", "metric=[deletion]"], "model.num_classes=0; expected a positive number of classes"),
+    ("value/num-classes", ["model=torchvision", "model.num_classes=0", "device=cpu", "method=saliency", "metric=[deletion]"], "model.num_classes=0; expected an integer >= 1"),
     ("value/blocks", [*SMALL, "metric=[model_randomisation]", "metric.model_randomisation.blocks=[features.0,layer9]"], "metric.model_randomisation: block 'layer9' is not a module of the model"),
     ("value/ground-truth", [*SMALL, "metric=[pointing_game]"], "metric pointing_game needs ground truth"),
     # Your own model.
@@ -160,6 +185,69 @@ CASES = [
     ("output/is-a-file", [*SMALL, "hydra.sweep.dir={d}/a_file"], "output folder '{d}/a_file' is a file; expected a folder"),
     ("output/under-a-file", [*SMALL, "hydra.sweep.dir={d}/a_file/sweep"], "output folder '{d}/a_file/sweep' lies under the file {d}/a_file"),
     ("output/unwritable", [*SMALL, "hydra.sweep.dir=/proc/harness-sweep"], "output folder '/proc/harness-sweep' cannot be written"),
+    ("output/empty-sweep-dir", [*SMALL, "hydra.sweep.dir="], "hydra.sweep.dir is empty; expected a folder for the results"),
+    ("output/empty-run-dir", [*SMALL, "hydra.run.dir="], "hydra.run.dir is empty; expected a folder for the results"),
+    # Keys that nothing reads: added with + (which Hydra's own message suggests), or mistyped without it.
+    ("key/top-level-added", [*SMALL, "+modle=small_cnn"], "modle is not a setting of the harness; did you mean model?"),
+    ("key/seed-added", [*SMALL, "+seeed=3"], "seeed is not a setting of the harness; did you mean seed?"),
+    ("key/top-level-typo", [*SMALL, "seeed=3"], "seeed is not a setting; did you mean seed?"),
+    ("key/model-typo", [*SMALL, "model.widht=8"], "model.widht is not a setting; did you mean model.width?"),
+    ("key/timing-typo", [*SMALL, "timing.budget=1"], "timing.budget is not a setting; did you mean timing.budget_s?"),
+    ("key/metric-not-selected", [*SMALL, "metric.road.imputation=telea"], "metric.road is set but metric road is not selected (metric=[deletion]); select it with metric=[deletion,road]"),
+    ("key/unquoted-tilde", [*SMALL, "data=image_folder", "data.root=~/images"], "cannot read the override 'data.root=~/images'; quote a value that starts with ~"),
+    # Top-level values.
+    ("value/save-maps", [*SMALL, "save_maps=maybe"], "save_maps='maybe'; expected true or false"),
+    ("value/resume", [*SMALL, "resume=maybe"], "resume='maybe'; expected true or false"),
+    ("value/progress", [*SMALL, "progress=sometimes"], "progress='sometimes'; expected true or false or null"),
+    ("value/seed-fraction", [*SMALL, "seed=1.5"], "seed=1.5; expected an integer"),
+    ("value/seed-text", [*SMALL, "seed=abc"], "seed='abc'; expected an integer"),
+    ("value/timing-budget-nan", [*SMALL, "timing.budget_s=nan"], "timing.budget_s=nan; expected a number >= 0"),
+    ("value/timing-budget-negative", [*SMALL, "timing.budget_s=-1"], "timing.budget_s=-1; expected a number >= 0"),
+    ("value/timing-repeats-fraction", [*SMALL, "timing.max_repeats=2.5"], "timing.max_repeats=2.5; expected an integer >= 1"),
+    ("value/timing-profile", [*SMALL, "timing.profile=sometimes"], "timing.profile='sometimes'; expected true or false"),
+    # Method settings: types and declared ranges, before Captum sees them.
+    ("method/ig-quadrature", [*SMALL[:3], "method=integrated_gradients", "method.method=simpson"], "method.method='simpson'; expected one of gausslegendre, riemann_left"),
+    ("method/ig-steps", [*SMALL[:3], "method=integrated_gradients", "method.n_steps=0"], "method.n_steps=0; expected an integer >= 1"),
+    ("method/smoothgrad-samples", [*SMALL[:3], "method=smoothgrad", "method.nt_samples=0"], "method.nt_samples=0; expected an integer >= 1"),
+    ("method/smoothgrad-noise", [*SMALL[:3], "method=smoothgrad", "method.noise_level=-0.1"], "method.noise_level=-0.1; expected a number >= 0"),
+    ("method/gradient-shap-samples", [*SMALL[:3], "method=gradient_shap", "method.n_samples=0"], "method.n_samples=0; expected an integer >= 1"),
+    ("method/gradient-shap-stdevs", [*SMALL[:3], "method=gradient_shap", "method.stdevs=-1"], "method.stdevs=-1; expected a number >= 0"),
+    ("method/occlusion-stride", [*SMALL[:3], "method=occlusion", "method.stride=0"], "method.stride=0; expected an integer >= 1"),
+    ("method/occlusion-window", [*SMALL[:3], "method=occlusion", "method.window=0"], "method.window=0; expected an integer >= 1"),
+    ("method/occlusion-score", [*SMALL[:3], "method=occlusion", "method.score=prob"], "method.score='prob'; expected one of softmax, logit"),
+    ("method/rise-cells", [*SMALL[:3], "method=rise", "method.cells=0"], "method.cells=0; expected an integer >= 1"),
+    ("method/rise-masks", [*SMALL[:3], "method=rise", "method.n_masks=0"], "method.n_masks=0; expected an integer >= 1"),
+    ("method/rise-p-keep", [*SMALL[:3], "method=rise", "method.p_keep=1.5"], "method.p_keep=1.5; expected a number in (0, 1)"),
+    ("method/rise-p-keep-zero", [*SMALL[:3], "method=rise", "method.p_keep=0"], "method.p_keep=0; expected a number in (0, 1)"),
+    ("method/grad-cam-layout", [*SMALL[:3], "method=grad_cam", "method.layout=diagonal"], "method.layout='diagonal'; expected one of nchw, nhwc, tokens"),
+    ("method/chunk-size", [*SMALL, "method.chunk_size=0"], "method.chunk_size=0; expected an integer >= 1"),
+    # Model settings.
+    ("model/input-size-zero", [*SMALL, "model.input_size=0"], "model.input_size=0; expected an integer >= 8"),
+    ("model/input-size-one", [*SMALL, "model.input_size=1"], "model.input_size=1; expected an integer >= 8"),
+    ("model/num-classes-negative", [*SMALL, "model.num_classes=-3"], "model.num_classes=-3; expected an integer >= 1"),
+    ("model/width-zero", [*SMALL, "model.width=0"], "model.width=0; expected an integer >= 1"),
+    ("model/mean-two-entries", [*CUSTOM, "model.builder=harness.models.SmallCNN", "model.mean=[0.5,0.5]"], "model.mean=[0.5, 0.5]; expected a list of 3"),
+    ("model/std-zero", [*CUSTOM, "model.builder=harness.models.SmallCNN", "model.std=[0,0,0]"], "model.std=[0, 0, 0]; expected a list of 3"),
+    ("model/nan-weights", [*SMALL, "model.weights={d}/nan.pt"], "model small_cnn: weights hold NaN or inf (features.0.weight,"),
+    ("model/one-logit", [*CUSTOM, "model.builder=mynets_bad.OneLogit", "data.num_images=1"], "model OneLogit returns one logit, and metric deletion scores its softmax"),
+    ("model/one-logit-rise", [*CUSTOM, "model.builder=mynets_bad.OneLogit", "data.num_images=1", "method=rise", "metric.deletion.score=logit"], "model OneLogit returns one logit, and method rise scores its softmax"),
+    ("model/dropout-left-on", [*CUSTOM, "model.builder=mynets_bad.AlwaysDropout", "data.num_images=1"], "model AlwaysDropout gives different logits for the same input"),
+    # Data: what a folder holds, and what the photos hold.
+    ("data/folder-fewer-images", [*SMALL[:2], *FOLDER, "data.num_images=100", *SMALL[3:]], "data.num_images=100 but data.root='{d}/data' has 2 images; expected 1 to 2"),
+    ("data/photos-fewer-images", [*SMALL[:2], "data.num_images=100", *SMALL[3:]], "data.num_images=100; expected an integer in [1, 8] or null"),
+    ("data/num-images-zero", [*SMALL[:2], *FOLDER, "data.num_images=0", *SMALL[3:]], "data.num_images=0; expected an integer >= 1 or null"),
+    ("data/classes-outside", [*SMALL, *FOLDER, "data.classes={cat:0,dog:99}"], "data.classes maps 'dog' to 99, outside the model's 10 classes"),
+    ("data/huge-image", [*SMALL, "data=image_folder", "data.root={d}/huge"], "image '{d}/huge/cat/big.png' is too large to decode safely"),
+    # harness.inspect: its own settings against conf/inspect.yaml, its nodes as the harness's.
+    ("inspect/typo-key-added", [*INSPECT, "+actmax.step=5"], "actmax.step is not a setting of harness.inspect; did you mean actmax.steps?"),
+    ("inspect/typo-key", [*INSPECT, "actmax.step=5"], "actmax.step is not a setting; did you mean actmax.steps?"),
+    ("inspect/top-level-added", [*INSPECT, "+imagse=3"], "imagse is not a setting of harness.inspect; did you mean images?"),
+    ("inspect/channels-number", [*INSPECT, "actmax.channels=3"], "actmax.channels=3; expected a list"),
+    ("inspect/steps-text", [*INSPECT, "actmax.steps=many"], "actmax.steps='many'; expected an integer"),
+    ("inspect/enabled-text", [*INSPECT, "saliency.enabled=maybe"], "saliency.enabled='maybe'; expected true or false"),
+    ("inspect/model-typo", [*INSPECT, "+model.widht=3"], "model.widht is not a setting of small_cnn; did you mean model.width?"),
+    ("inspect/model-width", [*INSPECT, "model.width=0"], "model.width=0; expected an integer >= 1"),
+    ("inspect/memory-budget", [*INSPECT, "device.memory_budget=0"], "device.memory_budget=0; expected a fraction of free memory in (0, 1]"),
 ]  # fmt: skip
 
 
@@ -172,8 +260,13 @@ def test_bad_input_exits_with_one_line_and_leaves_nothing(cli, files, tmp_path, 
     args = [a.replace("{d}", str(files)) for a in args]
     message = message.replace("{d}", str(files))
     sweep = tmp_path / "sweep"
-    given = [a for a in args if a.startswith("hydra.sweep.dir=")]
-    r = cli.run("harness", "-m", *args, *([] if given else [f"hydra.sweep.dir={sweep}"]), path=[str(files)])
+    given = [a for a in args if a.startswith(("hydra.sweep.dir=", "hydra.run.dir="))]
+    if case.startswith("inspect/"):
+        r = cli.run("harness.inspect", *args, f"out={tmp_path / 'inspect'}", path=[str(files)])
+    else:
+        r = cli.run(
+            "harness", "-m", *args, *([] if given else [f"hydra.sweep.dir={sweep}"]), path=[str(files)]
+        )
     assert r.returncode != 0, r.output
     assert "Traceback" not in r.output, r.output
     lines = [ln for ln in r.output.splitlines() if message in ln]
@@ -185,8 +278,8 @@ def test_bad_input_exits_with_one_line_and_leaves_nothing(cli, files, tmp_path, 
             assert (job / "error.txt").is_file(), sorted(p.name for p in job.iterdir())
 
 
-def test_cases_number_at_least_forty():
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+def test_cases_number_at_least_a_hundred():
+    assert len(CASES) >= 100 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_report_refuses_a_file_as_output_and_a_missing_sweep(cli, files, tmp_path):

@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import numpy as np
 import torch
+from annotated_types import Ge
 from PIL import Image, UnidentifiedImageError
 
 from harness.config import read_listing
 from harness.data.boxes import ground_truth, read_boxes
-from harness.data.images import Images, to_model_input
+from harness.data.images import Images, pixels, to_model_input
 
 log = logging.getLogger("harness")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".gif"}
@@ -76,6 +76,13 @@ def class_index(
     n = len(names) or None
     if classes is not None:
         given = mapping(classes, names)
+        outside = {f: i for f, i in given.items() if n is not None and not 0 <= i < n}
+        if outside:
+            folder, index = next(iter(outside.items()))
+            raise ValueError(
+                f"data.classes maps {folder!r} to {index}, outside the model's {n} classes; "
+                f"expected an index from 0 to {n - 1 if n else 0} or a class name of the model"
+            )
         found = {f: given.get(f, -1) for f in folders}
     elif all(f.isdigit() for f in folders):
         found = {f: int(f) for f in folders}
@@ -95,7 +102,7 @@ def image_folder(
     size: int,
     mean: Sequence[float],
     std: Sequence[float],
-    num_images: int | None = None,
+    num_images: Annotated[int, Ge(1)] | None = None,
     boxes: str | None = None,
     classes: str | dict[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
@@ -121,8 +128,11 @@ def image_folder(
     base = Path(root).expanduser()
     files, index = _files(base, root, class_names, classes)
     if num_images is not None:
-        if num_images < 1:
-            raise ValueError(f"data.num_images={num_images} must be at least 1")
+        if not 1 <= num_images <= len(files):
+            raise ValueError(
+                f"data.num_images={num_images} but data.root={root!r} has {len(files)} images; "
+                f"expected 1 to {len(files)}"
+            )
         files = files[:num_images]
     ids = [f"{f.parent.name}/{f.name}" for f in files]
     table = None if boxes is None else read_boxes(boxes, base, ids)  # checked before any image is decoded
@@ -131,12 +141,21 @@ def image_folder(
         try:
             with Image.open(f) as im:
                 sides.append(im.size)
-                tensors.append(to_model_input(np.asarray(im.convert("RGB")), size, mean, std))
-        except (UnidentifiedImageError, OSError) as e:
+                tensors.append(to_model_input(pixels(im), size, mean, std))
+        except Image.DecompressionBombError as e:
+            raise ValueError(
+                f"image {str(f)!r} is too large to decode safely ({e}); resize it or leave it out"
+            ) from e
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise ValueError(f"cannot read image {str(f)!r}: {e}") from e
     labels = torch.tensor([index[f.parent.name] for f in files], dtype=torch.int64)
     truth = None if table is None else ground_truth(table, ids, sides, size, boxes or "")
     return Images(torch.stack(tensors), labels, ids, "image_folder", ground_truth=truth)
+
+
+def _is_image(path: Path) -> bool:
+    """An image file by its suffix, hidden files left out (macOS's `._x.png` and `.DS_Store`)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
 def _files(
@@ -147,18 +166,21 @@ def _files(
     """
     if not base.is_dir():
         raise FileNotFoundError(f"data.root={str(root)!r} is not a folder (expected root/<class>/<image>)")
-    folders = sorted(p.name for p in base.iterdir() if p.is_dir())
+    folders = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise FileNotFoundError(f"data.root={str(root)!r} has no class subfolders")
     index = class_index(folders, class_names, classes)
     unmatched = [f for f in folders if index[f] < 0]
     if unmatched:
+        shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+        hint = "add them to data.classes"
+        if classes is None:
+            hint = "map them with data.classes=<file or {folder: class}>"
         log.warning(
             "data.root: %d of %d class folders name no class of the model (%s); their images are "
-            "scored without a label; map them with data.classes=<file or {folder: class}>",
-            len(unmatched), len(folders), ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else ""),
+            "scored without a label; %s", len(unmatched), len(folders), shown, hint,
         )  # fmt: skip
-    files = sorted(f for c in folders for f in (base / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(f for c in folders for f in (base / c).iterdir() if _is_image(f))
     if not files:
         raise FileNotFoundError(f"data.root={str(root)!r} has no images ({sorted(IMAGE_SUFFIXES)})")
     return files, index

@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from harness.config import CHOSEN_BY_JOB, HarnessError, Settings, check_config
+from harness.config import CHOSEN_BY_JOB, HarnessError, Settings, as_declared, check_config
 from harness.data import Images, load_data
 from harness.models import Classifier
 from harness.runtime import (
@@ -98,20 +98,22 @@ def build(
     settings = settings or check_config(cfg)
     clock = clock or Stopwatch()
     name = function_name(cfg.method)
-    method = instantiate(cfg.method)
+    method = instantiate(as_declared(cfg.method))
     traits = _method_traits(method, name)
     metrics = _metric_functions(cfg)
     device = device or resolve_device(settings.device.name)
     options = SpeedOptions.from_settings(settings.device)
     options.apply_backend_flags()
     with clock("build"):
-        clf: Classifier = instantiate(cfg.model)
+        clf: Classifier = instantiate(as_declared(cfg.model))
         data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
         facts = {"layer": clf.cam_layer, "layout": clf.cam_layout, "blocks": clf.blocks}
         method, metrics = filled(method, facts), {m: filled(fn, facts) for m, fn in metrics.items()}
         _check_model_and_data(metrics, traits, name, clf, data)
+        _check_scores(method, traits, name, metrics, clf)
         needs = {n for fn in metrics.values() for n in metric_traits(fn).needs}
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
+        check_deterministic(clf, data.images[:2].to(device))
         folded = options.prepare(clf.module.to(device), data.images[:2].to(device), keep={clf.cam_layer})
         model = options.compiled(clf.module)
     speed = ModelSpeed(model, data.images, device, options.memory_format)
@@ -206,6 +208,37 @@ def _check_model_and_data(
             )
 
 
+def _check_scores(
+    method: Any, traits: MethodTraits, name: str, metrics: Mapping[str, Any], clf: Classifier
+) -> None:
+    """No softmax score of a model with one logit: a softmax over one class is 1 for every input,
+    so every map would score alike.
+    """
+    if len(clf.class_names) > 1:
+        return
+    users = [f"method {name}"] if traits.softmax or settings_of(method).get("score") == "softmax" else []
+    users += [f"metric {m}" for m, fn in metrics.items() if settings_of(fn).get("score") == "softmax"]
+    if users:
+        raise HarnessError(
+            f"model {clf.name} returns one logit, and {users[0]} scores its softmax, which is 1 for every "
+            "input; set its score=logit, or give the model two logits (one per class)"
+        )
+
+
+@torch.no_grad()
+def check_deterministic(clf: Classifier, probe: torch.Tensor) -> None:
+    """The same logits for the same input twice: a model whose dropout (or another random layer)
+    stays on in eval mode changes every score from call to call, so it is refused.
+    """
+    first, second = clf.module(probe).float(), clf.module(probe).float()
+    change = float((first - second).abs().max())
+    if change > 1e-4 * (1.0 + float(first.abs().max())):
+        raise HarnessError(
+            f"model {clf.name} gives different logits for the same input (by up to {change:.3g}): "
+            "a dropout or other random layer is active in eval mode; make its forward deterministic"
+        )
+
+
 def _method_traits(method: Any, name: str) -> MethodTraits:
     try:
         return method_traits(method)
@@ -219,7 +252,7 @@ def _metric_functions(cfg: DictConfig) -> dict[str, Any]:
     """
     built = {}
     for name, node in cfg.metric.items():
-        built[str(name)] = fn = instantiate(node)
+        built[str(name)] = fn = instantiate(as_declared(node))
         try:
             metric_traits(fn)
         except TypeError as e:

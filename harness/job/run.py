@@ -214,6 +214,13 @@ def _score(
     result = measured[name].out
     if not isinstance(result, Result):
         raise HarnessError(f"metric {name} returned {type(result).__name__}; expected metrics.Result")
+    for key, values in result.values.items():
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise HarnessError(
+                f"metric {name} returned NaN or inf as {field_name(name, key)} for {bad} of "
+                f"{values.numel()} images; a score that is not a number cannot be compared"
+            )
     return result
 
 

@@ -16,13 +16,18 @@ writes, into the first sweep folder or `--out`:
   sweep has them.
 
 Several sweeps merge into one report and one verdict. At the end of every sweep,
-`harness.app.ReportCallback` does the same.
+`harness.sweep.ReportCallback` does the same.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+import pandas as pd
 
 from harness.report.page import write_page
 from harness.report.plots import plot_curves, plot_grid, plot_time_vs_insertion
@@ -37,44 +42,67 @@ __all__ = ["write_report"]
 log = logging.getLogger("harness.report")
 # The curves of each plot: `<file>.png` shows these curves of curves.csv, where the rows have them.
 CURVE_PLOTS = {"curves": ("deletion", "insertion"), "road": ("road_morf", "road_lerf")}
+# The hidden folder a report is written into before it is moved into place.
+STAGING = ".report-partial-"
 
 
 def write_report(*sweeps: Path, out: Path | None = None) -> Path:
-    """Write the tables, plots and page of one or more sweeps into `out` (default: the first sweep)."""
+    """Write the tables, plots and page of one or more sweeps into `out` (default: the first sweep).
+
+    Everything is written into a hidden folder inside `out` first and moved into place when all of
+    it is written (`summary.csv` last), so that a report that fails leaves the old one (or none),
+    never half of a new one.
+    """
     rows = load_rows(*sweeps)
     if rows.empty:
         raise FileNotFoundError(f"no complete job (no */run.json) under {[str(s) for s in sweeps]}")
     out = Path(out or sweeps[0])
     out.mkdir(parents=True, exist_ok=True)
     remove_temporaries(out)  # of a report killed while writing (a job's own go with set_aside)
+    for old in out.glob(f"{STAGING}*"):  # of a report killed while writing
+        shutil.rmtree(old, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=STAGING))
+    try:
+        _write(rows, sweeps, out, staging)
+        written = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in sorted(written, key=lambda p: p.name == "summary.csv"):  # summary.csv last
+            target = out / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("report of %d jobs written to %s", len(rows), out)
+    return out
+
+
+def _write(rows: pd.DataFrame, sweeps: tuple[Path, ...], out: Path, staging: Path) -> None:
+    """Every file of the report into `staging`; `out` is where it will lie (its `inspect` pictures)."""
     rows = rows.sort_values(GROUP + ["method"], kind="stable").reset_index(drop=True)
     found = verdict(rows)
-    atomic_write(out / "verdict.csv", lambda p: found.table.to_csv(p, index=False))
-    atomic_write(out / "pairwise.csv", lambda p: found.pairwise.to_csv(p, index=False))
-    atomic_write(out / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + found.markdown))
+    atomic_write(staging / "verdict.csv", lambda p: found.table.to_csv(p, index=False))
+    atomic_write(staging / "pairwise.csv", lambda p: found.pairwise.to_csv(p, index=False))
+    atomic_write(staging / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + found.markdown))
     plots = []
     for name, wanted in CURVE_PLOTS.items():
         present = [c for c in wanted if f"{c}_auc" in rows.columns]
         if present:
-            plot_curves(rows, present, out / f"{name}.png")
-            plots.append(out / f"{name}.png")
+            plot_curves(rows, present, staging / f"{name}.png")
+            plots.append(staging / f"{name}.png")
     if "insertion_auc" in rows.columns:
-        plot_time_vs_insertion(rows, out / "time_vs_insertion.png")
-        plots.append(out / "time_vs_insertion.png")
+        plot_time_vs_insertion(rows, staging / "time_vs_insertion.png")
+        plots.append(staging / "time_vs_insertion.png")
     for (model, data), group in rows.groupby(["model", "data"]):
         for device, per_device in group.groupby("device"):
             suffix = f"_{device}" if group["device"].nunique() > 1 else ""
-            plot_grid(per_device.drop_duplicates("method"), out / f"grid_{model}_{data}{suffix}.png")
-            plots.append(out / f"grid_{model}_{data}{suffix}.png")
+            plot_grid(per_device.drop_duplicates("method"), staging / f"grid_{model}_{data}{suffix}.png")
+            plots.append(staging / f"grid_{model}_{data}{suffix}.png")
     if "method_bound_ratio" in rows.columns:
-        plots += write_timing(rows, out)
-    plots += write_sanity(rows, out)
+        plots += write_timing(rows, staging)
+    plots += write_sanity(rows, staging)
     names = ", ".join(Path(s).resolve().name for s in sweeps)
     inspected = list(
         dict.fromkeys(f for f in [out / "inspect", *(Path(s) / "inspect" for s in sweeps)] if f.is_dir())
     )
-    write_page(rows, found, plots, out / "report.html", f"Attribution report: {names}", inspected)
-    # Last: a summary.csv newer than every job means the whole report is (harness.app.report_is_current).
-    atomic_write(out / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
-    log.info("report of %d jobs written to %s", len(rows), out)
-    return out
+    write_page(rows, found, plots, staging / "report.html", f"Attribution report: {names}", inspected)
+    # Last: a summary.csv newer than every job means the whole report is (see report_is_current).
+    atomic_write(staging / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))

@@ -181,6 +181,22 @@ def _model_section(folders: list[Path]) -> str:
     )
 
 
+def _missing(rows: pd.DataFrame, fields: dict[str, str]) -> str:
+    """A note naming the jobs whose scores are missing (NaN, or a metric that a merged sweep's other
+    jobs did not run), so that an empty cell is never read as a score.
+    """
+    notes = []
+    for field in fields:
+        if field in rows.columns:
+            missing = rows.loc[rows[field].isna(), "method"].astype(str).tolist()
+            if missing:
+                notes.append(f"{field} of {', '.join(dict.fromkeys(missing))}")
+    if not notes:
+        return ""
+    text = html.escape("; ".join(notes))
+    return f'<p class="missing">Missing values (no number, left empty, not compared): {text}.</p>'
+
+
 def render(
     rows: pd.DataFrame, found: Verdict, plots: list[Path], title: str, inspected: list[Path] | None = None
 ) -> str:
@@ -213,7 +229,7 @@ def render(
 {_verdict_section(found)}
 <section id="summary"><h2>Per job</h2><p>Mean over images with its 95% interval (↑ higher is better,
 ↓ lower); cost per image and its ratio to the model's own forward (+backward) time.</p>
-{_table(headline(rows), "summary-table")}</section>
+{_missing(rows, fields)}{_table(headline(rows), "summary-table")}</section>
 {_settings_section(rows)}
 <section id="plots"><h2>Plots</h2>{figures or "<p>No plots.</p>"}</section>
 {model}

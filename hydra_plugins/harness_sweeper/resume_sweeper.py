@@ -29,6 +29,7 @@ from hydra.core.utils import JobReturn
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from harness.config import HarnessError, check_config
+from harness.sweep.lock import hold
 from harness.sweep.resume import SKIPPED, job_state
 from hydra_plugins.harness_sweeper.composer import JobComposer
 
@@ -46,7 +47,7 @@ def finished(job: DictConfig, reads_hydra: bool = True) -> Path | None:
     (see `JobComposer.reads_hydra`) says whether the task config needs `HydraConfig` to resolve;
     setting it costs more than the rest of the decision.
     """
-    if not job.get("resume"):
+    if job.get("resume") is not True:  # not a boolean: the job is checked, and refused
         return None
     if reads_hydra:
         HydraConfig.instance().set_config(job)  # as the launcher does, for `${hydra:...}` in the task
@@ -111,8 +112,18 @@ class ResumeSweeper(BasicSweeper):
             log.error("nothing was run: %d of the sweep's %d job(s) have bad settings", e.n_bad, e.jobs)
             raise SystemExit(2) from None
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        _log_plan(len(jobs), sweep_dir, len(todo), skipped)
+        try:
+            with hold(sweep_dir):
+                OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+                _log_plan(len(jobs), sweep_dir, len(todo), skipped)
+                return self._launch(todo)
+        except HarnessError as e:
+            log.error("error: %s", e)
+            raise SystemExit(2) from None
+
+    def _launch(self, todo: list[list[str]]) -> list[Sequence[JobReturn]]:
+        """Hand the jobs to the launcher, `max_batch_size` at a time (Hydra's BasicSweeper's loop)."""
+        assert self.launcher is not None
         returns: list[Sequence[JobReturn]] = []
         size = self.max_batch_size or max(1, len(todo))
         for start in range(0, len(todo), size):
