@@ -5,7 +5,7 @@ the function it builds, the typed settings (`Settings`: `DeviceSettings`, `Timin
 Nothing here imports torch: the sweep checks and hashes every job before it launches any.
 """
 
-from harness.config.checks import CHOSEN_BY_JOB, as_declared, check_node, describe, matches
+from harness.config.checks import CHOSEN_BY_JOB, as_declared, check_node, describe, matches, unknown_setting
 from harness.config.composition import composition_message, hydra_errors_in_one_line
 from harness.config.errors import HarnessError, MissingFile, first_line
 from harness.config.keys import cache_root, config_hash, digest, explain_key, file_sha256, weights_sha256
@@ -53,5 +53,6 @@ __all__ = [
     "names_a_file",
     "output_problem",
     "read_listing",
+    "unknown_setting",
     "weights_sha256",
 ]

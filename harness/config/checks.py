@@ -191,12 +191,7 @@ def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
                     or params[n].default is not params[n].empty
                 )
             ]
-            close = difflib.get_close_matches(key, settings, n=1)
-            hint = f"did you mean {where}.{close[0]}? " if close else ""
-            raise HarnessError(
-                f"{where}.{key} is not a setting of {target.rsplit('.', 1)[-1]}; {hint}"
-                f"its settings: {', '.join(settings)}"
-            )
+            raise unknown_setting(key, settings, f"{where}.", target.rsplit(".", 1)[-1])
         if OmegaConf.is_missing(node, key):
             raise HarnessError(f"{where}.{key} is required; give {where}.{key}=<value>")
         if key not in hints or OmegaConf.is_interpolation(node, key):
@@ -209,6 +204,19 @@ def check_node(node: DictConfig, where: str, target: str | None = None) -> None:
         )
         if not matches(value, hints[key]):
             raise HarnessError(f"{where}.{key}={show(value)}; expected {describe(hints[key])}")
+
+
+def unknown_setting(key: str, known: list[str], prefix: str = "", owner: str = "") -> HarnessError:
+    """The one error for a setting that nothing takes, with the closest valid one.
+
+    Example:
+        >>> print(unknown_setting("widht", ["width", "seed"], "model.", "small_cnn"))
+        model.widht is not a setting of small_cnn; did you mean model.width? its settings: width, seed
+    """
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}? " if close else ""
+    of = f" of {owner}" if owner else ""
+    return HarnessError(f"{prefix}{key} is not a setting{of}; {hint}its settings: {', '.join(known)}")
 
 
 def check_declared(node: DictConfig, where: str) -> Any:

@@ -10,7 +10,6 @@ With `HYDRA_FULL_ERROR=1` set by the user, Hydra's own report is left as it is.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +19,8 @@ from typing import Any
 from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+
+from harness.config.checks import unknown_setting
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 
@@ -59,10 +60,7 @@ def composition_message(error: BaseException) -> str:
             f"metric.{key} is set but metric {key} is not selected (metric=[{','.join(selected)}]); "
             f"select it with metric=[{','.join([*selected, key])}], or leave out its settings"
         )
-    known = _keys(parent)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {where + '.' if where else ''}{close[0]}? " if close else ""
-    return f"{full_key} is not a setting; {hint}its settings: {', '.join(known)}"
+    return str(unknown_setting(key, _keys(parent), f"{where}." if where else ""))
 
 
 @contextmanager

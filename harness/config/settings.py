@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config.checks import check_declared, check_node, describe, matches, show
+from harness.config.checks import check_declared, check_node, describe, matches, show, unknown_setting
 from harness.config.errors import HarnessError
 from harness.config.paths import check_paths
 
@@ -229,12 +229,10 @@ def _check_top_level(cfg: DictConfig) -> None:
     known = [*NODES, *(f.name for f in dataclasses.fields(JobSettings))]
     for key in map(str, cfg):
         if key not in known and key != "hydra":
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            group = f" ({close[0]}=<name> chooses a {close[0]} config)" if close and close[0] in NODES else ""
-            raise HarnessError(
-                f"{key} is not a setting of the harness; {hint}its settings: {', '.join(known)}{group}"
-            )
+            error = unknown_setting(key, known, owner="the harness")
+            close = difflib.get_close_matches(key, list(NODES), n=1)
+            group = f" ({close[0]}=<name> chooses a {close[0]} config)" if close else ""
+            raise HarnessError(f"{error}{group}")
 
 
 def _check_nodes(cfg: DictConfig) -> None:

@@ -6,13 +6,12 @@ refused); ranges and names are checked by the app.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import HarnessError, describe, matches
+from harness.config import HarnessError, describe, matches, unknown_setting
 
 # The file's own keys; the model, data and device nodes are checked against their functions.
 NODES = ("model", "data", "device")
@@ -41,11 +40,7 @@ def _check_keys(given: dict[Any, Any], schema: dict[Any, Any], prefix: str) -> N
     for key, value in given.items():
         where = f"{prefix}{key}"
         if key not in schema:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"did you mean {prefix}{close[0]}? " if close else ""
-            raise HarnessError(
-                f"{where} is not a setting of harness.inspect; {hint}its settings: {', '.join(known)}"
-            )
+            raise unknown_setting(str(key), known, prefix, "harness.inspect")
         default = schema[key]
         if isinstance(default, dict):
             if not isinstance(value, dict):
