@@ -113,8 +113,9 @@ def build(
         _check_scores(method, traits, name, metrics, clf)
         needs = {n for fn in metrics.values() for n in metric_traits(fn).needs}
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
-        check_deterministic(clf, data.images[:2].to(device))
-        folded = options.prepare(clf.module.to(device), data.images[:2].to(device), keep={clf.cam_layer})
+        probe = data.images[:2].to(device)
+        check_deterministic(clf.module.to(device), clf.name, probe)
+        folded = options.prepare(clf.module, probe, keep={clf.cam_layer})
         model = options.compiled(clf.module)
     speed = ModelSpeed(model, data.images, device, options.memory_format)
     with clock("calibration"), options.autocast(device):
@@ -226,15 +227,16 @@ def _check_scores(
 
 
 @torch.no_grad()
-def check_deterministic(clf: Classifier, probe: torch.Tensor) -> None:
-    """The same logits for the same input twice: a model whose dropout (or another random layer)
-    stays on in eval mode changes every score from call to call, so it is refused.
+def check_deterministic(module: torch.nn.Module, name: str, probe: torch.Tensor) -> None:
+    """The same logits for the same input twice (`probe`, on the module's device): a model whose
+    dropout (or another random layer) stays on in eval mode changes every score from call to call, so
+    it is refused.
     """
-    first, second = clf.module(probe).float(), clf.module(probe).float()
+    first, second = module(probe).float(), module(probe).float()
     change = float((first - second).abs().max())
     if change > 1e-4 * (1.0 + float(first.abs().max())):
         raise HarnessError(
-            f"model {clf.name} gives different logits for the same input (by up to {change:.3g}): "
+            f"model {name} gives different logits for the same input (by up to {change:.3g}): "
             "a dropout or other random layer is active in eval mode; make its forward deterministic"
         )
 
