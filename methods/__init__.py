@@ -1,7 +1,7 @@
 """Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
 
 from methods.baselines import oracle, random
-from methods.cam import grad_cam, guided_grad_cam
+from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, hires_cam, layer_cam, xgrad_cam
 from methods.common import MethodTraits, method, traits_of
 from methods.gradient import (
     deeplift,
@@ -18,11 +18,14 @@ __all__ = [
     "MethodTraits",
     "deeplift",
     "grad_cam",
+    "grad_cam_plus_plus",
     "gradient_shap",
     "guided_backprop",
     "guided_grad_cam",
+    "hires_cam",
     "input_x_gradient",
     "integrated_gradients",
+    "layer_cam",
     "method",
     "occlusion",
     "oracle",
@@ -30,5 +33,6 @@ __all__ = [
     "rise",
     "saliency",
     "smoothgrad",
+    "xgrad_cam",
     "traits_of",
 ]

@@ -124,3 +124,135 @@ def guided_grad_cam(
         return explainer.attribute(x, target=t, interpolate_mode="bilinear")
 
     return chunked(attribute, inputs, target, chunk_size)
+
+
+# The gradient CAM family: one capture of a layer's activations A and of the gradient g of each image's
+# target logit with respect to them, then a rule that weighs them into a map at the layer's resolution.
+# The ReLU and Grad-CAM's bilinear upsampling follow, as in `grad_cam`; each map equals
+# pytorch-grad-cam's before its upsampling and min-max scaling (tests/test_cams.py).
+
+
+def layer_capture(
+    model: nn.Module, module: nn.Module, layout: str, x: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's output A and d(logit of each image's target)/dA, both `[B, C, h, w]` (`to_nchw`).
+
+    The target logits are summed before one backward pass: in eval mode an image's logit depends on
+    its own activations only, so each image's gradient is its own.
+    """
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.enable_grad():
+            logits = model(x.detach().requires_grad_(True))
+            grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), seen[0])[0]
+    finally:
+        handle.remove()
+    return to_nchw(seen[0].detach(), layout), to_nchw(grad, layout)
+
+
+def _spatial_sum(a: torch.Tensor) -> torch.Tensor:
+    return a.sum(dim=(2, 3), keepdim=True)
+
+
+def grad_cam_plus_plus_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018, arXiv:1710.11063, eq. 19 with the ReLU of eq. 7): channel
+    weights sum_ij relu(g) alpha_ij with alpha = g^2 / (2 g^2 + sum_ab A_ab g^3), 0 where g is 0;
+    1e-6 in the denominator where it vanishes (as pytorch-grad-cam).
+    """
+    g2 = g * g
+    alpha = g2 / (2 * g2 + _spatial_sum(a) * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    return (_spatial_sum(torch.relu(g) * alpha) * a).sum(dim=1, keepdim=True)
+
+
+def xgrad_cam_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """XGrad-CAM (Fu et al. 2020, arXiv:2008.02312, eq. 9): channel weights sum_ij g A / sum_ij A
+    (1e-7 added to the sum where it vanishes, as pytorch-grad-cam).
+    """
+    return (_spatial_sum(g * a / (_spatial_sum(a) + 1e-7)) * a).sum(dim=1, keepdim=True)
+
+
+def layer_cam_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021, IEEE TIP 30, eq. 5): each position weighted by its own positive
+    gradient, sum_c relu(g) A.
+    """
+    return (torch.relu(g) * a).sum(dim=1, keepdim=True)
+
+
+def hires_cam_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """HiResCAM (Draelos and Carin 2020, arXiv:2011.08891, eq. 5): sum_c g A, the element-wise
+    product that Grad-CAM averages away.
+    """
+    return (g * a).sum(dim=1, keepdim=True)
+
+
+RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "grad_cam_plus_plus": grad_cam_plus_plus_rule,
+    "xgrad_cam": xgrad_cam_rule,
+    "layer_cam": layer_cam_rule,
+    "hires_cam": hires_cam_rule,
+}
+
+
+def layer_map(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, layer: str, layout: str, rule: str
+) -> torch.Tensor:
+    """A CAM of the family at the layer's resolution, `[B, 1, h, w]`, after its ReLU."""
+    a, g = layer_capture(model, _layer(model, layer), layout, inputs, target)
+    return torch.relu(RULES[rule](a, g))
+
+
+def _cam_family(
+    rule: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: torch.Tensor,
+    layer: str,
+    layout: str,
+    chunk: int,
+) -> torch.Tensor:
+    size = tuple(inputs.shape[2:])
+    _layer(model, layer)  # a missing layer is named before any pass
+
+    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cam = layer_map(model, x, t, layer, layout, rule)
+        return LayerAttribution.interpolate(cam, size, interpolate_mode="bilinear")
+
+    return chunked(attribute, inputs, target, chunk)
+
+
+@method(eager_only=True)
+def grad_cam_plus_plus(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layer: str, layout: Layout = "nchw",
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """Grad-CAM++ (`grad_cam_plus_plus_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
+    return _cam_family("grad_cam_plus_plus", model, inputs, target, layer, layout, chunk_size)
+
+
+@method(eager_only=True)
+def xgrad_cam(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layer: str, layout: Layout = "nchw",
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """XGrad-CAM (`xgrad_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
+    return _cam_family("xgrad_cam", model, inputs, target, layer, layout, chunk_size)
+
+
+@method(eager_only=True)
+def layer_cam(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layer: str, layout: Layout = "nchw",
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """LayerCAM (`layer_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
+    return _cam_family("layer_cam", model, inputs, target, layer, layout, chunk_size)
+
+
+@method(eager_only=True)
+def hires_cam(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layer: str, layout: Layout = "nchw",
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """HiResCAM (`hires_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
+    return _cam_family("hires_cam", model, inputs, target, layer, layout, chunk_size)
