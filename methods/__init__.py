@@ -1,7 +1,15 @@
 """Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
 
 from methods.baselines import oracle, random
-from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, hires_cam, layer_cam, xgrad_cam
+from methods.cam import (
+    grad_cam,
+    grad_cam_plus_plus,
+    guided_grad_cam,
+    hires_cam,
+    layer_cam,
+    score_cam,
+    xgrad_cam,
+)
 from methods.common import MethodTraits, method, traits_of
 from methods.gradient import (
     deeplift,
@@ -32,6 +40,7 @@ __all__ = [
     "random",
     "rise",
     "saliency",
+    "score_cam",
     "smoothgrad",
     "xgrad_cam",
     "traits_of",

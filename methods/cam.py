@@ -1,6 +1,8 @@
 """Class activation maps: Grad-CAM and guided Grad-CAM through Captum for convolutional layers, and
 Grad-CAM of layers whose output is laid out otherwise (a Swin stage's `[B, H, W, C]`, a ViT
-block's tokens `[B, 1 + h*w, C]`), taken to `[B, C, h, w]` first.
+block's tokens `[B, 1 + h*w, C]`), taken to `[B, C, h, w]` first; the gradient CAM family
+(Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM) as rules on one capture of a layer; Score-CAM from
+masked forwards. Every map is upsampled to the input bilinearly, as Grad-CAM's.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Literal
 import torch
 from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
+from torch.nn import functional as F
 
 from methods.common import Count, chunked, method
 
@@ -256,3 +259,63 @@ def hires_cam(
 ) -> torch.Tensor:  # fmt: skip
     """HiResCAM (`hires_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
     return _cam_family("hires_cam", model, inputs, target, layer, layout, chunk_size)
+
+
+@method(forward_only=True, eager_only=True)
+@torch.no_grad()
+def score_cam(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layer: str, layout: Layout = "nchw",
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """Score-CAM (Wang et al. 2020, arXiv:1910.01279, section 3), as pytorch-grad-cam computes it
+    (`score_cam_at_layer`), upsampled as Grad-CAM. Costs one forward per image and one per channel
+    and image, `chunk_size` masked images per forward, no backward. `[B, 1, H, W]`.
+    """
+    cam = score_cam_at_layer(model, inputs, target, layer, layout, chunk_size)
+    return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="bilinear")
+
+
+@torch.no_grad()
+def score_cam_at_layer(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, layer: str, layout: str, chunk: int
+) -> torch.Tensor:
+    """Score-CAM at the layer's resolution, `[B, 1, h, w]`: each channel of the layer's output,
+    upsampled bilinearly (corners aligned) to the input and scaled to [0, 1], masks the image; the
+    channels' weights are the softmax, over the channels, of the target logit of each masked image;
+    the map is relu(sum_c w_c A_c).
+    """
+    module, size = _layer(model, layer), tuple(inputs.shape[2:])
+    maps = []
+    for lo in range(0, len(inputs), chunk):
+        acts = to_nchw(_output_of(model, module, inputs[lo : lo + chunk]), layout)
+        for x, t, a in zip(inputs[lo : lo + chunk], target[lo : lo + chunk], acts, strict=True):
+            weights = torch.softmax(_masked_scores(model, x, int(t), a, size, chunk), dim=0)
+            maps.append(torch.relu((weights[:, None, None] * a.float()).sum(dim=0))[None, None])
+    return torch.cat(maps)
+
+
+def _output_of(model: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's output in a forward of the model on `x`."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _masked_scores(
+    model: nn.Module, x: torch.Tensor, t: int, acts: torch.Tensor, size: tuple[int, ...], chunk: int
+) -> torch.Tensor:
+    """The target logit of image `x` masked by each channel of `acts` `[C, h, w]` (upsampled with
+    corners aligned, scaled to [0, 1]), `chunk` masked images per forward: `[C]`.
+    """
+    scores = []
+    for lo in range(0, len(acts), chunk):
+        masks = F.interpolate(acts[lo : lo + chunk, None].float(), size, mode="bilinear", align_corners=True)
+        flat = masks.flatten(1)
+        low, high = flat.min(dim=1).values, flat.max(dim=1).values
+        masks = (masks - low[:, None, None, None]) / (high - low + 1e-8)[:, None, None, None]
+        scores.append(model(x[None] * masks)[:, t].float())
+    return torch.cat(scores)

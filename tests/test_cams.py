@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 import methods
-from methods.cam import RULES, layer_map
+from methods.cam import RULES, layer_map, score_cam_at_layer
 
 REFERENCES = {
     "grad_cam_plus_plus": GradCAMPlusPlus,
@@ -73,6 +73,28 @@ def test_each_cam_equals_pytorch_grad_cam(name, model_name):
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), (name, model_name)
 
 
+@pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
+def test_score_cam_equals_pytorch_grad_cam(model_name):
+    """pytorch-grad-cam's Score-CAM weights (one masked forward per channel) on its own activations,
+    its weighted sum and ReLU, against ours at the layer's resolution, in chunks of 7 masked images.
+    """
+    model, layer, x = MODELS[model_name]
+    t = torch.arange(len(x)) % 5
+    module = model.get_submodule(layer)
+    cam = ScoreCAM(model=model, target_layers=[module])
+    targets = [ClassifierOutputTarget(int(c)) for c in t]
+    try:
+        with torch.no_grad():
+            cam.activations_and_grads(x)
+        acts = cam.activations_and_grads.activations[0].numpy()
+        ref = np.maximum(cam.get_cam_image(x, module, targets, acts, None, False), 0)
+    finally:
+        cam.activations_and_grads.release()
+    ours = score_cam_at_layer(model, x, t, layer, "nchw", chunk=7)[:, 0].numpy()
+    assert ours.shape == ref.shape and ref.max() > 0
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), model_name
+
+
 class TwoRegions(nn.Module):
     """Channel c of `features` is the image's brightness inside region c only, and class c's logit is
     the mean of channel c: the evidence for class c lies in region c and nowhere else.
@@ -84,14 +106,15 @@ class TwoRegions(nn.Module):
         mask[0, 2:6, 3:7] = 1
         mask[1, 10:14, 9:13] = 1
         self.register_buffer("mask", mask)
-        self.gain = nn.Parameter(torch.ones(()))
+        # Decisive evidence: Score-CAM's softmax over the channels' scores needs logits far apart.
+        self.gain = nn.Parameter(torch.tensor(400.0))
         self.features = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.gain * x.sum(dim=1, keepdim=True) * self.mask).mean(dim=(2, 3))
 
 
-@pytest.mark.parametrize("name", sorted(RULES))
+@pytest.mark.parametrize("name", [*sorted(RULES), "score_cam"])
 def test_each_cam_points_at_the_region_that_holds_the_class_evidence(name):
     model = TwoRegions()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) + 0.1

@@ -172,7 +172,13 @@ def test_default_comparison_sweeps_every_method():
     family = set(cams.hydra.sweeper.params.method.split(","))
     default = set(cfg.hydra.sweeper.params.method.split(","))
     assert sorted(default | family) == every == sorted(set(options("method")) - {"oracle"})
-    assert sorted(family - default) == ["grad_cam_plus_plus", "hires_cam", "layer_cam", "xgrad_cam"]
+    assert sorted(family - default) == [
+        "grad_cam_plus_plus",
+        "hires_cam",
+        "layer_cam",
+        "score_cam",
+        "xgrad_cam",
+    ]
     assert cfg.model._target_.endswith("efficientnet_lite0") and cfg.data._target_.endswith("photos")
 
 
