@@ -51,27 +51,6 @@ def to_nchw(a: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"a tokens layer's output has {n} tokens, neither a square nor 1 + a square")
 
 
-def _grad_cam_laid_out(
-    model: nn.Module, module: nn.Module, layout: str, size: tuple[int, ...]
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Grad-CAM of a layer of any layout: the same sums as Captum's `LayerGradCam`, on `to_nchw`."""
-
-    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        seen: list[torch.Tensor] = []
-        handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
-        try:
-            with torch.enable_grad():
-                logits = model(x)
-                grad = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), seen[0])[0]
-        finally:
-            handle.remove()
-        act, grad = to_nchw(seen[0].detach(), layout), to_nchw(grad, layout)
-        cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
-        return LayerAttribution.interpolate(cam, size, interpolate_mode="bilinear")
-
-    return attribute
-
-
 @method(eager_only=True)
 def grad_cam(
     model: nn.Module,
@@ -91,10 +70,8 @@ def grad_cam(
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}; expected one of {', '.join(LAYOUTS)}")
     size = tuple(inputs.shape[2:])
-    if layout != "nchw":
-        return chunked(
-            _grad_cam_laid_out(model, _layer(model, layer), layout, size), inputs, target, chunk_size
-        )
+    if layout != "nchw":  # Captum's LayerGradCam takes [B, C, h, w] only: the same sums on to_nchw
+        return _cam_family(grad_cam_rule, model, inputs, target, layer, layout, chunk_size)
     explainer = LayerGradCam(model, _layer(model, layer))
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -158,6 +135,11 @@ def _spatial_sum(a: torch.Tensor) -> torch.Tensor:
     return a.sum(dim=(2, 3), keepdim=True)
 
 
+def grad_cam_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM's (eq. 1-2): channel weights the spatial mean of g, as Captum's `LayerGradCam`."""
+    return (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
+
+
 def grad_cam_plus_plus_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018, arXiv:1710.11063, eq. 19 with the ReLU of eq. 7): channel
     weights sum_ij relu(g) alpha_ij with alpha = g^2 / (2 g^2 + sum_ab A_ab g^3), 0 where g is 0;
@@ -190,7 +172,8 @@ def hires_cam_rule(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (g * a).sum(dim=1, keepdim=True)
 
 
-RULES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+Rule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+RULES: dict[str, Rule] = {
     "grad_cam_plus_plus": grad_cam_plus_plus_rule,
     "xgrad_cam": xgrad_cam_rule,
     "layer_cam": layer_cam_rule,
@@ -207,7 +190,7 @@ def layer_map(
 
 
 def _cam_family(
-    rule: str,
+    rule: Rule,
     model: nn.Module,
     inputs: torch.Tensor,
     target: torch.Tensor,
@@ -215,11 +198,10 @@ def _cam_family(
     layout: str,
     chunk: int,
 ) -> torch.Tensor:
-    size = tuple(inputs.shape[2:])
-    _layer(model, layer)  # a missing layer is named before any pass
+    size, module = tuple(inputs.shape[2:]), _layer(model, layer)  # a missing layer named before any pass
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cam = layer_map(model, x, t, layer, layout, rule)
+        cam = torch.relu(rule(*layer_capture(model, module, layout, x, t)))
         return LayerAttribution.interpolate(cam, size, interpolate_mode="bilinear")
 
     return chunked(attribute, inputs, target, chunk)
@@ -231,7 +213,7 @@ def grad_cam_plus_plus(
     chunk_size: Count = 16,
 ) -> torch.Tensor:  # fmt: skip
     """Grad-CAM++ (`grad_cam_plus_plus_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
-    return _cam_family("grad_cam_plus_plus", model, inputs, target, layer, layout, chunk_size)
+    return _cam_family(grad_cam_plus_plus_rule, model, inputs, target, layer, layout, chunk_size)
 
 
 @method(eager_only=True)
@@ -240,7 +222,7 @@ def xgrad_cam(
     chunk_size: Count = 16,
 ) -> torch.Tensor:  # fmt: skip
     """XGrad-CAM (`xgrad_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
-    return _cam_family("xgrad_cam", model, inputs, target, layer, layout, chunk_size)
+    return _cam_family(xgrad_cam_rule, model, inputs, target, layer, layout, chunk_size)
 
 
 @method(eager_only=True)
@@ -249,7 +231,7 @@ def layer_cam(
     chunk_size: Count = 16,
 ) -> torch.Tensor:  # fmt: skip
     """LayerCAM (`layer_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
-    return _cam_family("layer_cam", model, inputs, target, layer, layout, chunk_size)
+    return _cam_family(layer_cam_rule, model, inputs, target, layer, layout, chunk_size)
 
 
 @method(eager_only=True)
@@ -258,7 +240,7 @@ def hires_cam(
     chunk_size: Count = 16,
 ) -> torch.Tensor:  # fmt: skip
     """HiResCAM (`hires_cam_rule`) of `layer`, upsampled bilinearly as Grad-CAM. `[B, 1, H, W]`."""
-    return _cam_family("hires_cam", model, inputs, target, layer, layout, chunk_size)
+    return _cam_family(hires_cam_rule, model, inputs, target, layer, layout, chunk_size)
 
 
 @method(forward_only=True, eager_only=True)

@@ -61,12 +61,11 @@ def _wrong(tp: Any) -> Any:
 def _outside(tp: Any) -> Any:
     """A value of the right type just outside the range `tp` declares, or None."""
     found = dict(bounds(_bare(tp)))
+    # An open bound is itself outside; a closed one is passed by a step of the bound's own type.
     for op, step in ((">=", -1), (">", 0), ("<=", 1), ("<", 0)):
         if op in found:
-            value = found[op] + step if isinstance(found[op], int) else found[op] + (step or 0)
-            if op in (">=", "<=") and not isinstance(found[op], int):
-                value = found[op] + (-0.5 if op == ">=" else 0.5)
-            return value
+            bound = found[op]
+            return bound + (step if isinstance(bound, int) else step / 2)
     return None
 
 
