@@ -81,7 +81,21 @@ def files(tmp_path_factory) -> Path:
         "class AlwaysDropout(nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3)\n"
         "    def forward(self, x):\n"
-        "        return nn.functional.dropout(self.conv(x), 0.5, training=True).mean(dim=(2, 3))\n"
+        "        return nn.functional.dropout(self.conv(x), 0.5, training=True).mean(dim=(2, 3))\n\n"
+        "import os, signal\n"
+        "SENT = []\n\n"
+        "class CtrlCInAFinaliser:\n"
+        "    def __del__(self):\n"
+        "        if not SENT:\n"
+        "            SENT.append(1)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            for _ in range(1000):\n"
+        "                pass\n\n"
+        "class SwallowsCtrlC(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(3, 2, 3)\n"
+        "    def forward(self, x):\n"
+        "        CtrlCInAFinaliser()\n"
+        "        return self.conv(x).mean(dim=(2, 3))\n"
     )
     torch.save(
         {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
@@ -331,6 +345,44 @@ def test_ctrl_c_ends_the_sweep_with_how_to_resume_and_resume_finishes_it(cli, tm
     assert r.returncode == 0, r.output
     assert f"sweep of 2 job(s) into {sweep}: 1 to run, 1 skipped" in r.output
     assert len(list(sweep.glob("*/run.json"))) == 2
+
+
+def test_a_ctrl_c_that_lands_in_a_finaliser_still_ends_the_sweep(cli, files, tmp_path):
+    """Python ignores an exception raised in a `__del__` (a progress bar's, say): a Ctrl-C landing
+    there must still end the sweep, after the job it landed in, and say how to resume.
+    """
+    r = cli.run(
+        "harness", "-m", *CUSTOM, "model.builder=mynets_bad.SwallowsCtrlC", "data.num_images=1",
+        "seed=0,1", f"hydra.sweep.dir={tmp_path}", path=[str(files)],
+    )  # fmt: skip
+    assert r.returncode == 130, r.output
+    assert r.output.strip().splitlines()[-1].startswith("interrupted: finished jobs are kept;"), r.output
+    assert "Traceback" not in r.output and "Exception ignored" not in r.output
+    assert len(list(tmp_path.glob("*/run.json"))) == 1
+
+
+def test_an_error_that_a_ctrl_c_caused_inside_hydra_is_the_ctrl_c():
+    """A Ctrl-C landing in OmegaConf's code while Hydra composes the next job's config comes out as
+    a `ConfigCompositionException` raised while the `KeyboardInterrupt` was handled (seen with a
+    timer sending SIGINT at random moments of `compose`): it ends the command as an interrupt,
+    not as an error in the config that the user must look for.
+    """
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigKeyError
+
+    from harness.config import hydra_errors_in_one_line
+
+    def composing() -> None:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+        except AttributeError as e:
+            raise ConfigCompositionException("composing") from ConfigKeyError(str(e))
+
+    with pytest.raises(KeyboardInterrupt):
+        hydra_errors_in_one_line(composing)
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

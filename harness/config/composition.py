@@ -79,6 +79,18 @@ def _hydra_raises() -> Iterator[bool]:
             os.environ[FULL_ERROR] = given
 
 
+def _from_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` was raised while a `KeyboardInterrupt` was being handled (or from one)."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None and id(c) not in seen]
+    return False
+
+
 def hydra_errors_in_one_line(app: Callable[[], Any]) -> Any:
     """Run a `@hydra.main` app; an error of Hydra's (composition, overrides) exits 2 with one line."""
     with _hydra_raises() as full:
@@ -87,5 +99,7 @@ def hydra_errors_in_one_line(app: Callable[[], Any]) -> Any:
         except (HydraException, OmegaConfBaseException) as e:
             if full:
                 raise
+            if _from_ctrl_c(e):  # OmegaConf turns a Ctrl-C landing in its code into an error of its own
+                raise KeyboardInterrupt from None
             print(f"error: {composition_message(e)}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -10,6 +10,7 @@ ended, whichever launcher ran them.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -113,8 +114,18 @@ def cli() -> None:
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    previous = signal.signal(signal.SIGINT, _interrupted)
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if u.exc_type is KeyboardInterrupt else hook(u)
     try:
-        hydra_errors_in_one_line(main)
+        try:
+            hydra_errors_in_one_line(main)
+        except Exception:
+            if not INTERRUPTED:
+                raise
+            raise KeyboardInterrupt from None  # an error that the Ctrl-C caused where it landed
+        if INTERRUPTED:  # raised where Python ignores it (a finaliser) after the last job began
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         sweep = RUNNING.get("sweep")
         again = (
@@ -124,6 +135,23 @@ def cli() -> None:
         )
         print(f"\ninterrupted: finished jobs are kept; to finish the sweep, run {again}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
+        INTERRUPTED.clear()
+
+
+INTERRUPTED: list[int] = []  # the Ctrl-Cs of this command; see `_interrupted`
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """Ctrl-C raises `KeyboardInterrupt` where it lands, and is remembered: Python ignores an
+    exception raised inside a finaliser (a `__del__`, such as a progress bar's), so a Ctrl-C landing
+    there would otherwise be lost and the sweep would go on; the next job refuses to start instead
+    (and `cli` keeps Python's report of the ignored exception off the console).
+    """
+    INTERRUPTED.append(signum)
+    signal.default_int_handler(signum, frame)
 
 
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
@@ -131,6 +159,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Run (or, on resume, skip) the job that Hydra composed; bad input exits non-zero with one
     clear message, and a failing job leaves `error.txt` and no results.
     """
+    if INTERRUPTED:
+        raise KeyboardInterrupt  # a Ctrl-C that a finaliser swallowed during the job before
     started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
@@ -146,9 +176,13 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         from harness.job import run_job  # torch and the models: only for jobs that run
 
         return run_job(cfg, out, calibration_dir=shared_folder(hydra_cfg), started=started, settings=settings)
-    except (HarnessError, InstantiationException, ValueError, FileNotFoundError) as e:
-        failed(out, message(e))
-    except Exception as e:  # noqa: BLE001 (a bug, here or in the model's code: said in one line)
+    except Exception as e:
+        if INTERRUPTED:  # the Ctrl-C, turned into another error by the code it landed in
+            raise KeyboardInterrupt from None
+        if isinstance(e, (HarnessError, InstantiationException, ValueError, FileNotFoundError)):
+            failed(out, message(e))
+            return None
+        # A bug, here or in the model's code: said in one line.
         where = out / ERROR_FILE
         text = f"{type(e).__name__}: {first_line(e)} (unexpected; the traceback is in {where})"
         failed(out, text, traceback.format_exc())
