@@ -2,6 +2,9 @@
 
 from methods.baselines import oracle, random
 from methods.cam import (
+    ablation_cam,
+    eigen_cam,
+    full_grad,
     grad_cam,
     grad_cam_plus_plus,
     guided_grad_cam,
@@ -11,8 +14,8 @@ from methods.cam import (
     xgrad_cam,
 )
 from methods.common import MethodTraits, method, traits_of
+from methods.deeplift import deeplift, deeplift_shap
 from methods.gradient import (
-    deeplift,
     gradient_shap,
     guided_backprop,
     input_x_gradient,
@@ -24,7 +27,11 @@ from methods.perturbation import occlusion, rise
 
 __all__ = [
     "MethodTraits",
+    "ablation_cam",
     "deeplift",
+    "deeplift_shap",
+    "eigen_cam",
+    "full_grad",
     "grad_cam",
     "grad_cam_plus_plus",
     "gradient_shap",

@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 import torch
 from annotated_types import Ge
 from captum.attr import (
-    DeepLift,
     GradientShap,
     GuidedBackprop,
     InputXGradient,
@@ -118,18 +117,6 @@ def smoothgrad(
         )
 
     return chunked(attribute, inputs, target, images)
-
-
-@method(eager_only=True)
-def deeplift(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, chunk_size: Count = 16
-) -> torch.Tensor:
-    """DeepLIFT rescale rule from a zero baseline (Shrikumar et al. 2017, arXiv:1704.02685).
-
-    Needs one module per activation call site (see `harness.models.ReLU6`).
-    """
-    explainer = DeepLift(model)
-    return chunked(lambda x, t: explainer.attribute(x, target=t), inputs, target, chunk_size)
 
 
 @method(stochastic=True)

@@ -141,7 +141,7 @@ CASES = [
     ("value/model-width-text", [*SMALL, "model.width=wide"], "model.width='wide'; expected an integer"),
     ("value/metric-steps-text", [*SMALL, "metric.deletion.steps=many"], "metric.deletion.steps='many'; expected an integer"),
     ("value/smoothgrad-noise-text", [*SMALL[:3], "method=smoothgrad", "method.noise_level=loud"], "method.noise_level='loud'; expected a number"),
-    ("value/unknown-method", [*SMALL[:3], "method=sailency"], "unknown method 'sailency'; available: deeplift, grad_cam,"),
+    ("value/unknown-method", [*SMALL[:3], "method=sailency"], "unknown method 'sailency'; available: ablation_cam, deeplift, deeplift_shap,"),
     ("value/unknown-model", ["model=resnet19", "device=cpu"], "unknown model 'resnet19'; available: alexnet, custom,"),
     ("value/unknown-data", ["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
     ("value/precision", [*SMALL, "device.precision=fp8"], "device.precision='fp8'"),
@@ -377,7 +377,7 @@ def test_an_error_that_a_ctrl_c_caused_inside_hydra_is_the_ctrl_c():
             try:
                 raise KeyboardInterrupt
             except KeyboardInterrupt:
-                raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+                raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")  # noqa: B904
         except AttributeError as e:
             raise ConfigCompositionException("composing") from ConfigKeyError(str(e))
 

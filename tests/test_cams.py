@@ -1,5 +1,6 @@
-"""The gradient CAM family (Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM) against pytorch-grad-cam, the
-library that defines them for most users, and on a hand-built model whose evidence is known.
+"""The CAM family (Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Score-CAM, Ablation-CAM, EigenCAM,
+FullGrad) against pytorch-grad-cam, the library that defines them for most users, and on a
+hand-built model whose evidence is known.
 
 pytorch-grad-cam's maps are compared before its upsampling and min-max scaling (which it does on the
 host with OpenCV): its own activations, gradients and `get_cam_image`, with the ReLU it applies, on
@@ -11,14 +12,33 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import pytorch_grad_cam.base_cam
+import pytorch_grad_cam.fullgrad_cam
 import torch
 import torchvision
-from pytorch_grad_cam import GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM
+from pytorch_grad_cam import (
+    AblationCAM,
+    FullGrad,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    ScoreCAM,
+    XGradCAM,
+)
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
 import methods
-from methods.cam import RULES, layer_map, score_cam_at_layer
+from methods.cam import (
+    RULES,
+    ablation_cam_at_layer,
+    eigen_projection,
+    grad_cam_rule,
+    layer_capture,
+    layer_map,
+    score_cam_at_layer,
+)
 
 REFERENCES = {
     "grad_cam_plus_plus": GradCAMPlusPlus,
@@ -95,6 +115,122 @@ def test_score_cam_equals_pytorch_grad_cam(model_name):
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), model_name
 
 
+# torchcam 0.5's maps where they are the papers' (and pytorch-grad-cam's). Its GradCAMpp divides a copy
+# of alpha (`alpha[idx][mask].div_`), so its alpha is g^2, not the paper's; its ScoreCAM scales each
+# channel to [0, 1] before upsampling it, with corners not aligned, where the paper and pytorch-grad-cam
+# scale after: neither is compared.
+TORCHCAM = {"grad_cam": ("GradCAM", grad_cam_rule), "xgrad_cam": ("XGradCAM", RULES["xgrad_cam"]),
+            "layer_cam": ("LayerCAM", RULES["layer_cam"])}  # fmt: skip
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(TORCHCAM))
+def test_each_cam_equals_torchcams(name, model_name):
+    from torchcam import methods as torchcam
+
+    model, layer, x = MODELS[model_name]
+    t = torch.arange(len(x)) % 5
+    kind, rule = TORCHCAM[name]
+    with getattr(torchcam, kind)(model, target_layer=layer, input_shape=tuple(x.shape[1:])) as extractor:
+        (ref,) = extractor(class_idx=t.tolist(), scores=model(x), normalized=False)
+    ours = torch.relu(rule(*layer_capture(model, model.get_submodule(layer), "nchw", x, t)))[:, 0]
+    assert ours.shape == ref.shape and float(ref.max()) > 0
+    # XGrad-CAM: torchcam adds 1e-8 to the channel's sum, pytorch-grad-cam (and we) 1e-7.
+    torch.testing.assert_close(ours, ref.detach(), rtol=0, atol=1e-5 * float(ref.abs().max()))
+
+
+def _unscaled(monkeypatch, module) -> None:
+    """pytorch-grad-cam's maps without its min-max scaling and OpenCV resize (its `scale_cam_image`)."""
+    monkeypatch.setattr(module, "scale_cam_image", lambda cam, target_size=None: cam)
+
+
+@pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
+def test_ablation_cam_equals_pytorch_grad_cam(model_name, monkeypatch):
+    """Its relative drops of the target logit, one ablated copy per channel, on layers after a ReLU
+    (where it writes 0 into the ablated channel, as the paper): the maps at the layer's resolution.
+    """
+    model, layer, x = MODELS[model_name]
+    x = x[:2] if model_name == "small_cnn" else x[:1]
+    t = torch.arange(len(x)) % 5 + 1
+    _unscaled(monkeypatch, pytorch_grad_cam.base_cam)
+    cam = AblationCAM(model=model, target_layers=[model.get_submodule(layer)])
+    ref = cam(x, [ClassifierOutputTarget(int(c)) for c in t])
+    ours = ablation_cam_at_layer(model, x, t, layer, "nchw", chunk=48)[:, 0].numpy()
+    assert ours.shape == ref.shape and ref.max() > 0
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), model_name
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_eigen_projection_equals_pytorch_grad_cams_up_to_its_arbitrary_sign(model_name):
+    """pytorch-grad-cam keeps whatever sign NumPy's SVD gives; ours agrees with the channels' mean."""
+    model, layer, x = MODELS[model_name]
+    with torch.no_grad():
+        seen = []
+        handle = model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: seen.append(out))
+        model(x)
+        handle.remove()
+    a = seen[0]
+    ref = torch.from_numpy(get_2d_projection(a.numpy()))
+    ours = eigen_projection(a)[:, 0]
+    for image in range(len(x)):
+        sign = 1.0 if float((ours[image] * ref[image]).sum()) >= 0 else -1.0
+        scale = float(ref[image].abs().max())
+        torch.testing.assert_close(ours[image], sign * ref[image], rtol=0, atol=1e-5 * scale)
+        assert float((ours[image] * a[image].mean(dim=0)).sum()) >= 0
+    first, second = (methods.eigen_cam(model, x, torch.full((len(x),), c), layer=layer) for c in (0, 1))
+    torch.testing.assert_close(first, second)  # the same map whatever the class
+
+
+@pytest.mark.parametrize("model_name", ["small_cnn", "resnet18"])
+def test_full_grad_equals_pytorch_grad_cam(model_name, monkeypatch):
+    """The input term and every bias term normalised and upsampled, summed (before its last min-max);
+    ResNet-18's BatchNorm outputs are overwritten in place by the ReLU after them.
+    """
+    model, _, x = MODELS[model_name]
+    t = torch.arange(len(x)) % 5
+    _unscaled(monkeypatch, pytorch_grad_cam.fullgrad_cam)
+    ref = FullGrad(model=model, target_layers=[])(x, [ClassifierOutputTarget(int(c)) for c in t])
+    ours = methods.full_grad(model, x, t, chunk_size=2)[:, 0].numpy()
+    assert ours.shape == ref.shape and ref.max() > 0
+    # OpenCV's bilinear resize and torch's differ by ~6e-7 per term; there are up to 41 terms.
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), model_name
+
+
+def test_channels_zero_everywhere_cost_no_forward_and_change_no_map(monkeypatch):
+    """Score-CAM's mask of a dead channel is zero (one shared forward of the zeroed image); Ablation-CAM's
+    zeroing of it changes nothing (weight 0, no forward): the maps are pytorch-grad-cam's, which
+    forwards every channel, and the forwards are one per image and one per live channel.
+    """
+    from harness.runtime import count_forwards
+
+    torch.manual_seed(0)
+    model = methods_small_cnn()
+    with torch.no_grad():  # channels 0-5 of the CAM layer dead for every input
+        model.features[3].weight[:6] = 0
+        model.features[3].bias[:6] = -1
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    with torch.no_grad():
+        live = (model.features(x).flatten(2).amax(dim=2) > 0).sum(dim=1)  # per image
+    assert live.max() <= 10
+    with count_forwards(model) as seen:
+        ours = score_cam_at_layer(model, x, t, "features.4", "nchw", chunk=4)
+    assert seen.forwards == 2 + int((live + 1).sum())
+    with count_forwards(model) as seen:
+        ablated = ablation_cam_at_layer(model, x, t, "features.4", "nchw", chunk=4)
+    assert seen.forwards == 2 + int(live.sum())
+    targets = [ClassifierOutputTarget(int(c)) for c in t]
+    _unscaled(monkeypatch, pytorch_grad_cam.base_cam)
+    for mine, ref in ((ours, ScoreCAM), (ablated, AblationCAM)):
+        theirs = ref(model=model, target_layers=[model.features[4]])(x, targets)
+        assert np.abs(mine[:, 0].numpy() - theirs).max() <= 1e-5 * np.abs(theirs).max(), ref.__name__
+
+
+def methods_small_cnn() -> nn.Module:
+    from harness.models import small_cnn
+
+    return small_cnn(num_classes=5, input_size=32, width=8).module
+
+
 class TwoRegions(nn.Module):
     """Channel c of `features` is the image's brightness inside region c only, and class c's logit is
     the mean of channel c: the evidence for class c lies in region c and nowhere else.
@@ -114,19 +250,23 @@ class TwoRegions(nn.Module):
         return self.features(self.gain * x.sum(dim=1, keepdim=True) * self.mask).mean(dim=(2, 3))
 
 
-@pytest.mark.parametrize("name", [*sorted(RULES), "score_cam"])
+@pytest.mark.parametrize("name", [*sorted(RULES), "score_cam", "ablation_cam", "full_grad"])
 def test_each_cam_points_at_the_region_that_holds_the_class_evidence(name):
+    """(EigenCAM is the same map for every class, by design: not here.)"""
     model = TwoRegions()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) + 0.1
     t = torch.tensor([0, 1])
-    maps = getattr(methods, name)(model, x, t, layer="features")[:, 0]
+    layer = {} if name == "full_grad" else {"layer": "features"}
+    maps = getattr(methods, name)(model, x, t, **layer)[:, 0]
     for image, c in enumerate(t.tolist()):
         inside = float((maps[image] * model.mask[c]).sum() / maps[image].sum())
         assert inside > 0.999, (name, c, inside)
 
 
 def test_a_token_layer_gives_the_map_of_its_grid():
-    """A ViT-style `[B, 1 + h*w, C]` layer: the class token dropped, the tokens laid out as the grid."""
+    """A ViT-style `[B, 1 + h*w, C]` layer: the class token dropped, the tokens laid out as the grid;
+    the same maps as of the grid's layer, for the CAMs of gradients, of ablations, of masks and EigenCAM.
+    """
 
     class Tokens(nn.Module):
         def __init__(self) -> None:
@@ -146,3 +286,15 @@ def test_a_token_layer_gives_the_map_of_its_grid():
     tokens = layer_map(model, x, t, "block", "tokens", "layer_cam")
     assert tokens.shape == grid.shape == (2, 1, 4, 4)
     torch.testing.assert_close(tokens, grid)
+    # Ablation-CAM zeroes a channel in every token (the class token too, which this head ignores).
+    ablated = [
+        ablation_cam_at_layer(model, x, t, name, layout, 3)
+        for name, layout in (("embed", "nchw"), ("block", "tokens"))
+    ]
+    torch.testing.assert_close(ablated[1], ablated[0])
+    for name in ("eigen_cam", "score_cam"):
+        maps = [
+            getattr(methods, name)(model, x, t, layer=n, layout=lay)
+            for n, lay in (("embed", "nchw"), ("block", "tokens"))
+        ]
+        torch.testing.assert_close(maps[1], maps[0])

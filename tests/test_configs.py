@@ -173,6 +173,9 @@ def test_default_comparison_sweeps_every_method():
     default = set(cfg.hydra.sweeper.params.method.split(","))
     assert sorted(default | family) == every == sorted(set(options("method")) - {"oracle"})
     assert sorted(family - default) == [
+        "ablation_cam",
+        "eigen_cam",
+        "full_grad",
         "grad_cam_plus_plus",
         "hires_cam",
         "layer_cam",

@@ -35,12 +35,16 @@ def test_count_forwards_splits_autograd_from_inference():
     assert not model._forward_pre_hooks  # hook removed
 
 
-def test_count_forwards_sees_captum_deeplift_inputs_and_baselines(small_cnn, images):
+def test_count_forwards_sees_deeplifts_inputs_and_baselines(small_cnn, images):
     import methods
 
+    target = torch.zeros(5, dtype=torch.long)
     with count_forwards(small_cnn.module) as c:
-        methods.deeplift(small_cnn.module, images, torch.zeros(5, dtype=torch.long))
-    assert (c.forwards, c.backwards) == (0, 10)  # 5 images + 5 baselines
+        methods.deeplift(small_cnn.module, images, target, implementation="captum")
+    assert (c.forwards, c.backwards) == (0, 10)  # Captum's: 5 images + 5 baselines, in one batch
+    with count_forwards(small_cnn.module) as c:
+        methods.deeplift(small_cnn.module, images, target)
+    assert (c.forwards, c.backwards) == (1, 5)  # the rescale pass: the baseline alone, then the images
 
 
 def test_measure_warms_up_repeats_and_counts():
