@@ -157,8 +157,10 @@ def test_experiment_options_compose(name):
 
 
 def test_default_comparison_sweeps_every_method():
-    """Every method that needs no ground truth, but the CAM family's newer members, which
-    `experiment=cams` sweeps until the default comparison's time budget is measured with them.
+    """Every method that needs no ground truth, but the CAM family's members that cost a forward per
+    channel (Score-CAM, Ablation-CAM: 10 s per photo on 2 cores) or localise as Grad-CAM does on the
+    generated shapes (XGrad-CAM, LayerCAM, HiResCAM) or read no class (EigenCAM): `experiment=cams`
+    sweeps the family, and the default comparison stays within its six minutes on 2 cores.
     """
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
@@ -175,8 +177,6 @@ def test_default_comparison_sweeps_every_method():
     assert sorted(family - default) == [
         "ablation_cam",
         "eigen_cam",
-        "full_grad",
-        "grad_cam_plus_plus",
         "hires_cam",
         "layer_cam",
         "score_cam",
