@@ -439,21 +439,43 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _unit_sum(g: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The sum over channels of the maps |w_c g_c| of `g` `[B, C, h, w]` (overwritten; w = 1 without
-    `weight` `[C]`), each shifted to 0 and scaled by its range (+1e-7) first, as pytorch-grad-cam's FullGrad
-    normalises every term: `[B, 1, h, w]`. With a = |g|: |w_c| a_c's range is |w_c| times a_c's.
+def _unit_sum(a: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The sum over channels of the maps |w_c| a_c of `a` `[B, C, h, w]` (`a` >= 0; w = 1 without
+    `weight` `[C]`), each shifted to 0 and scaled by its range (+1e-7) first, as pytorch-grad-cam's
+    FullGrad normalises every term: `[B, 1, h, w]`. |w_c| a_c's range is |w_c| times a_c's.
     """
-    a = g.abs_()  # (the caller's gradients, not needed after)
     low, high = a.amin(dim=(2, 3)), a.amax(dim=(2, 3))  # [B, C]; no copy in either memory format
     k = torch.ones_like(low[0]) if weight is None else weight.abs().to(low.dtype)
     scale = k / (k * (high - low) + 1e-7)  # [B, C]
     b, c, h, w = a.shape
     if a.is_contiguous():  # the weighted sum over channels as a product, on a view of `a`
         summed = scale[:, None, :] @ a.flatten(2)
-    else:  # channels-last (or any other layout: copied)
-        summed = (a.permute(0, 2, 3, 1).reshape(b, h * w, c) @ scale[:, :, None]).transpose(1, 2)
+    else:  # channels-last (or any other layout: copied); one matrix-vector product per image
+        rows = a.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        summed = torch.stack([torch.mv(rows[i], scale[i]) for i in range(b)])[:, None]
     return summed.view(b, 1, h, w) - (low * scale).sum(dim=1)[:, None, None, None]
+
+
+class _Scratch:
+    """One buffer for the largest output, allocated once the forward has run, that holds |g| of each
+    term in turn: on the CPU a fresh tensor of an activation's size costs more in page faults than
+    the arithmetic on it.
+    """
+
+    def __init__(self) -> None:
+        self.numel = 0
+        self.buffer: torch.Tensor | None = None
+
+    def abs(self, g: torch.Tensor) -> torch.Tensor:
+        dense = g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last)
+        if (
+            not dense
+            or self.buffer is None
+            or self.buffer.numel() < g.numel()
+            or self.buffer.dtype != g.dtype
+        ):
+            return g.abs()
+        return torch.abs(g, out=self.buffer[: g.numel()].as_strided(g.shape, g.stride()))
 
 
 @method(eager_only=True)
@@ -470,30 +492,33 @@ def full_grad(
     biases = {m: b for m in model.modules() if (b := _bias(m)) is not None}
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        calls: list[torch.Tensor] = []  # each bias layer's call: its bias; its gradient by call
-        grads: dict[int, torch.Tensor] = {}
+        # Upsampling is linear: the normalised maps of one resolution are summed, then upsampled once.
+        by_size: dict[tuple[int, ...], torch.Tensor] = {}
+        scratch = _Scratch()
+
+        def add(bias: torch.Tensor, g: torch.Tensor) -> None:
+            # Each term made while the backward runs (the gradient itself flows on, unchanged).
+            term = _unit_sum(scratch.abs(g.detach()), bias).float()
+            key = tuple(term.shape[2:])
+            by_size[key] = term if key not in by_size else by_size[key] + term
 
         def keep(module: nn.Module, _i: Any, out: torch.Tensor) -> None:
-            # A tensor hook: the gradient of this output even if a ReLU later overwrites it in place.
-            out.register_hook(partial(grads.__setitem__, len(calls)))
-            calls.append(biases[module])
+            # A tensor hook: the gradient of this output even if a ReLU later overwrites it in place;
+            # a layer that the target logit does not depend on gets none and adds nothing.
+            out.register_hook(partial(add, biases[module]))
+            scratch.numel = max(scratch.numel, out.numel())
 
         hooks = [m.register_forward_hook(keep) for m in biases]
         try:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
-                (gx,) = torch.autograd.grad(model(x).gather(1, t[:, None]).sum(), x)
+                score = model(x).gather(1, t[:, None]).sum()
+                scratch.buffer = x.new_empty(scratch.numel)
+                (gx,) = torch.autograd.grad(score, x)
         finally:
             for h in hooks:
                 h.remove()
-        total = _unit_sum(x.detach() * gx).float()
-        # Upsampling is linear: the normalised maps of one resolution are summed, then upsampled once.
-        by_size: dict[tuple[int, ...], torch.Tensor] = {}
-        for call, b in enumerate(calls):
-            if call in grads:  # (a layer that the target logit does not depend on adds nothing)
-                term = _unit_sum(grads[call], b).float()
-                key = tuple(term.shape[2:])
-                by_size[key] = term if key not in by_size else by_size[key] + term
+        total = _unit_sum((x.detach() * gx).abs_()).float()
         for term in by_size.values():
             total = total + F.interpolate(term, size, mode="bilinear", align_corners=False)
         return total
