@@ -96,11 +96,16 @@ def _name(func: Any) -> str:
 
 
 def _method_name(func: Any) -> str | None:
-    """The name of a Tensor method (`add`, `__get__` for attribute reads), or None for a function."""
+    """The name of a Tensor method (`add`, `__len__`; `__get__` for attribute reads), or None."""
+    name = getattr(func, "__name__", None)
     owner = getattr(func, "__objclass__", None)
-    if owner is not None and issubclass(owner, torch._C.TensorBase):
-        return func.__name__
-    return func.__name__ if type(func).__name__ == "method-wrapper" else None
+    if name is None:
+        return None
+    if getattr(torch.Tensor, name, None) is func or (
+        isinstance(owner, type) and issubclass(owner, torch._C.TensorBase)
+    ):
+        return name
+    return name if type(func).__name__ == "method-wrapper" else None
 
 
 @dataclass
@@ -114,6 +119,14 @@ class _Call:
     y0: torch.Tensor
     d0: torch.Tensor | None = None  # an element-wise function's derivative at z0
     indices0: torch.Tensor | None = None
+
+    def part(self, lo: int, hi: int) -> _Call:
+        """The call as baselines `lo` to `hi` saw it."""
+        d0, indices0 = self.d0, self.indices0
+        return _Call(
+            self.func, self.z0[lo:hi], self.y0[lo:hi], None if d0 is None else d0[lo:hi],
+            None if indices0 is None else indices0[lo:hi],
+        )  # fmt: skip
 
 
 class _Pairing(TorchFunctionMode):
@@ -317,27 +330,43 @@ def rescale(
 ) -> torch.Tensor:
     """DeepLIFT's attributions of `inputs` `[B, C, H, W]` against each of `baselines` `[K, C, H, W]`,
     averaged over the baselines (DeepLIFT-SHAP; DeepLIFT for one baseline): `[B, C, H, W]`.
-    `chunk` copies of an image forwarded at once (at least one image's `K`). Raises `NotCovered`
-    where the model calls what the rule does not cover.
+    At most `chunk` image-baseline pairs are forwarded at once: several images with all `K` baselines
+    each, or one image with its baselines in groups. Raises `NotCovered` where the model calls what
+    the rule does not cover.
     """
     k = baselines.shape[0]
     with torch.no_grad(), _Pairing(baselines) as recorder:
         model(baselines)
     calls = recorder.calls
+    group = min(k, max(1, chunk))  # baselines per forward
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        copies = x.repeat_interleave(k, dim=0).requires_grad_(True)
-        with torch.enable_grad():
-            pairing = _Pairing(copies, calls)
-            with pairing:
-                logits = model(copies)
-            if pairing.next != len(calls):
-                raise NotCovered("a forward whose nonlinearities differ between the baselines and the images")
-            score = logits.gather(1, t.repeat_interleave(k)[:, None]).sum()
-            (m,) = torch.autograd.grad(score, copies)
-        return ((_baseline_major(copies.detach(), k) - baselines) * _baseline_major(m, k)).mean(dim=1)
+        total = torch.zeros_like(x)
+        for lo in range(0, k, group):
+            hi = min(lo + group, k)
+            total += _against(model, x, t, [c.part(lo, hi) for c in calls], baselines[lo:hi]).sum(dim=1)
+        return total / k
 
     return chunked(attribute, inputs, target, max(1, chunk // k))
+
+
+def _against(
+    model: nn.Module, x: torch.Tensor, t: torch.Tensor, calls: list[_Call], baselines: torch.Tensor
+) -> torch.Tensor:
+    """Each image's attributions against each of `baselines` (whose forward `calls` recorded):
+    `[B, K, C, H, W]`, from one forward and one backward of the `B * K` image-baseline pairs.
+    """
+    k = baselines.shape[0]
+    copies = x.repeat_interleave(k, dim=0).requires_grad_(True)
+    with torch.enable_grad():
+        pairing = _Pairing(copies, calls)
+        with pairing:
+            logits = model(copies)
+        if pairing.next != len(calls):
+            raise NotCovered("a forward whose nonlinearities differ between the baselines and the images")
+        score = logits.gather(1, t.repeat_interleave(k)[:, None]).sum()
+        (m,) = torch.autograd.grad(score, copies)
+    return (_baseline_major(copies.detach(), k) - baselines) * _baseline_major(m, k)
 
 
 _CAPTUM_BECAUSE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()

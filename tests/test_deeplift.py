@@ -177,3 +177,20 @@ def test_batch_and_chunk_do_not_change_the_map(k):
         [rescale(model, x[i : i + 1], t[i : i + 1], baselines, chunk=64) for i in range(len(x))]
     )
     torch.testing.assert_close(alone, whole, rtol=0, atol=1e-7)
+
+
+def test_no_forward_holds_more_image_baseline_pairs_than_the_chunk():
+    """With more baselines than the chunk, an image's baselines go in groups; the map is the same."""
+    model, _, x = MODELS["small_cnn"]
+    t = torch.arange(len(x)) % 5
+    baselines = torch.randn((5, *x.shape[1:]), generator=torch.Generator().manual_seed(3))
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, args: sizes.append(len(args[0])) if torch.is_grad_enabled() else None
+    )
+    try:
+        grouped = rescale(model, x, t, baselines, chunk=2)
+    finally:
+        handle.remove()
+    assert max(sizes) <= 2 and sum(sizes) == len(x) * len(baselines)
+    torch.testing.assert_close(grouped, rescale(model, x, t, baselines, chunk=64), rtol=0, atol=1e-7)
