@@ -1,20 +1,11 @@
 """Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
 
 from methods.baselines import oracle, random
-from methods.cam import (
-    ablation_cam,
-    eigen_cam,
-    full_grad,
-    grad_cam,
-    grad_cam_plus_plus,
-    guided_grad_cam,
-    hires_cam,
-    layer_cam,
-    score_cam,
-    xgrad_cam,
-)
+from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, hires_cam, layer_cam, xgrad_cam
+from methods.cam_forward import ablation_cam, eigen_cam, score_cam
 from methods.common import MethodTraits, method, traits_of
 from methods.deeplift import deeplift, deeplift_shap
+from methods.full_grad import full_grad
 from methods.gradient import (
     gradient_shap,
     guided_backprop,

@@ -30,15 +30,8 @@ from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import nn
 
 import methods
-from methods.cam import (
-    RULES,
-    ablation_cam_at_layer,
-    eigen_projection,
-    grad_cam_rule,
-    layer_capture,
-    layer_map,
-    score_cam_at_layer,
-)
+from methods.cam import RULES, grad_cam_rule, layer_capture, layer_map
+from methods.cam_forward import ablation_cam_at_layer, eigen_projection, score_cam_at_layer
 
 REFERENCES = {
     "grad_cam_plus_plus": GradCAMPlusPlus,

@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import methods
-from methods.deeplift import NotCovered, rescale
+from methods.rescale import NotCovered, rescale
 
 
 class Clone(nn.Module):
