@@ -40,21 +40,11 @@ class NotCovered(Exception):  # noqa: N818 (a reason to take Captum's path, not 
     """The model calls something the rescale pass does not cover (named in the message)."""
 
 
-# Element-wise nonlinearities: the function, and the names of its settings after the input.
-_ELEMENTWISE: dict[Any, tuple[str, ...]] = {
-    F.relu: ("inplace",),
-    F.relu6: ("inplace",),
-    F.hardtanh: ("min_val", "max_val", "inplace"),
-    F.leaky_relu: ("negative_slope", "inplace"),
-    F.elu: ("alpha", "inplace"),
-    F.softplus: ("beta", "threshold"),
-    torch.relu: (),
-    torch.sigmoid: (),
-    torch.tanh: (),
-    torch.Tensor.relu: (),
-    torch.Tensor.sigmoid: (),
-    torch.Tensor.tanh: (),
-}
+# Element-wise nonlinearities, as functions and Tensor methods.
+_ELEMENTWISE = frozenset(
+    {F.relu, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.softplus, torch.relu, torch.sigmoid, torch.tanh,
+     torch.Tensor.relu, torch.Tensor.sigmoid, torch.Tensor.tanh}
+)  # fmt: skip
 # Through these the multiplier is the gradient whatever their operands (sums and rearrangements);
 # Tensor methods are named, functions are themselves.
 _ADDITIVE_METHODS = {
@@ -81,9 +71,8 @@ _QUOTIENTS = {"div", "div_", "__truediv__", "__itruediv__", torch.div, torch.tru
 
 
 def _name(func: Any) -> str:
-    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
-    name = getattr(func, "__name__", repr(func))
-    return f"Tensor.{name}" if owner is not None and "Tensor" in str(owner) else name
+    method = _method_name(func)
+    return f"Tensor.{method}" if method else getattr(func, "__name__", repr(func))
 
 
 def _method_name(func: Any) -> str | None:
@@ -191,13 +180,7 @@ class _Pairing(TorchFunctionMode):
         return call
 
     def _elementwise(self, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        z = args[0]
-        settings = _bound(func, args, kwargs) if _ELEMENTWISE[func] else {}
-        settings.pop("inplace", None)
-        settings.pop("input", None)
-
-        def f(t: torch.Tensor) -> torch.Tensor:
-            return func(t, **settings)
+        z, f = args[0], _out_of_place(func, args, kwargs)
 
         if self.recording:
             with torch.enable_grad():
@@ -222,6 +205,18 @@ class _Pairing(TorchFunctionMode):
             self.calls.append(_Call(F.max_pool2d, z.detach(), y0, indices0=indices0))
             return y0
         return _MaxPooled.apply(z, self._paired(F.max_pool2d, z), pool)
+
+
+def _out_of_place(func: Any, args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The call `func(*args, **kwargs)` as a function of its input, with its other settings, whether
+    given by name or by position (`nn.Softplus` passes beta and threshold by position), never in place.
+    """
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature (none of them has `inplace`)
+        return lambda t: func(t, *args[1:], **kwargs)
+    settings = {k: v for k, v in list(bound.arguments.items())[1:] if k != "inplace"}
+    return lambda t: func(t, **settings)
 
 
 def _bound(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -194,3 +194,19 @@ def test_no_forward_holds_more_image_baseline_pairs_than_the_chunk():
         handle.remove()
     assert max(sizes) <= 2 and sum(sizes) == len(x) * len(baselines)
     torch.testing.assert_close(grouped, rescale(model, x, t, baselines, chunk=64), rtol=0, atol=1e-7)
+
+
+def test_nonlinearities_with_settings_equal_captums():
+    """`nn.Softplus` passes beta and threshold by position, `nn.ELU` alpha by name: both kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 5),
+        nn.Softplus(beta=3.0, threshold=1.0),
+        nn.Linear(5, 3),
+        nn.ELU(alpha=0.5),
+        nn.Linear(3, 2),
+    ).eval()
+    x, t = torch.randn(4, 6), torch.tensor([0, 1, 0, 1])
+    ref = _captum(DeepLift, model, x, t, torch.zeros_like(x))
+    ours = rescale(model, x, t, torch.zeros(1, 6), chunk=8)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
