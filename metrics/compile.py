@@ -1,8 +1,9 @@
-"""Compile (and cache) the harness's numba code once, so that no run pays for it: `python -m metrics.compile`.
+"""Compile (and cache) the harness's numba code (ROAD's imputation, FullGrad's CPU terms) once, so
+that no run pays for it: `python -m metrics.compile`.
 
-`make` runs it after installing. numba keeps the machine code in `metrics/imputation/__pycache__`,
-keyed by the kernels' sources and the CPU; an edited kernel or another machine compiles again on
-first use.
+`make` runs it after installing. numba keeps the machine code in `metrics/imputation/__pycache__` and
+`methods/__pycache__`, keyed by the kernels' sources and the CPU; an edited kernel or another machine
+compiles again on first use.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import time
 def main() -> None:
     """Compile or load the numba code and say how long it took."""
     start = time.perf_counter()
+    from methods import full_grad_cpu
     from metrics.imputation import cpu
 
     cpu.warm()
-    print(f"ROAD's CPU imputation compiled or loaded from its cache in {time.perf_counter() - start:.1f} s")
+    full_grad_cpu.warm()
+    took = time.perf_counter() - start
+    print(f"ROAD's CPU imputation and FullGrad's CPU terms compiled or loaded from cache in {took:.1f} s")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,66 @@ def test_full_grad_equals_pytorch_grad_cam(model_name, monkeypatch):
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), model_name
 
 
+def naive_unit_sum(g: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """FullGrad's term as the paper and pytorch-grad-cam state it, one map at a time in float64: each
+    |w_c g_c| shifted to 0 and divided by its range + 1e-7, summed over the channels."""
+    b, c = g.shape[:2]
+    w = torch.ones(c, dtype=torch.float64) if weight is None else weight.double()
+    out = torch.zeros(b, 1, *g.shape[2:], dtype=torch.float64)
+    for image in range(b):
+        for channel in range(c):
+            m = (w[channel] * g[image, channel].double()).abs()
+            out[image, 0] += (m - m.min()) / (m.max() - m.min() + 1e-7)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_grad_terms_equal_a_naive_loop_in_every_layout(layout, dtype):
+    """The compiled CPU passes (channels-last rows, contiguous planes) and torch's ops (any other
+    layout): odd channel counts and sizes, a channel of bias 0 (its map adds nothing), a channel of
+    one value (range 0), a gradient with no zero; an image's term is the same in any batch, exactly.
+    """
+    from methods.full_grad import _compiled, _unit_sum
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 5, 7, 9), (2, 37, 13, 11), (4, 24, 16, 16), (1, 3, 1, 1), (2, 300, 5, 5)]:
+        g = torch.randn(*shape, generator=gen, dtype=dtype)
+        g[0, 1] = 0.25  # one value: range 0
+        g[-1, 0] += 10.0  # no zero, all of one sign
+        weight = torch.randn(shape[1], generator=gen, dtype=dtype)
+        weight[2 % shape[1]] = 0.0
+        if layout == "channels_last":
+            g = g.contiguous(memory_format=torch.channels_last)
+        elif layout == "strided":
+            g = torch.cat([g, g], dim=3)[..., ::2]
+        assert (_compiled(g) is None) == (layout == "strided")
+        for w in (None, weight):
+            ours = _unit_sum(g, w)
+            assert ours.dtype == dtype and ours.shape == (shape[0], 1, *shape[2:])
+            ref = naive_unit_sum(g, w)
+            tol = (1e-5 if dtype == torch.float32 else 1e-10) * shape[1]
+            torch.testing.assert_close(ours.double(), ref, rtol=0, atol=tol)
+            last = _unit_sum(g[-1:], w)
+            assert torch.equal(last, ours[-1:]) or layout == "strided", (shape, w is None)
+
+
+def test_full_grad_of_a_channels_last_model_is_the_contiguous_models():
+    """The compiled passes over rows (channels-last) and over planes give one map, on EfficientNet-Lite0's
+    blocks (16 to 1280 channels) at 64 pixels, folded as the CPU device runs it."""
+    from harness.models import efficientnet_lite0
+    from harness.runtime.speed import SpeedOptions
+
+    model = efficientnet_lite0(input_size=64).module
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    SpeedOptions(fold_batchnorm=True, fold_padding=True).prepare(model, x)
+    t = torch.tensor([1, 500, 999])
+    plain = methods.full_grad(model, x, t)
+    model.to(memory_format=torch.channels_last)
+    last = methods.full_grad(model, x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(last, plain, rtol=0, atol=2e-5 * float(plain.abs().max()))
+
+
 def test_channels_zero_everywhere_cost_no_forward_and_change_no_map(monkeypatch):
     """Score-CAM's mask of a dead channel is zero (one shared forward of the zeroed image); Ablation-CAM's
     zeroing of it changes nothing (weight 0, no forward): the maps are pytorch-grad-cam's, which
