@@ -12,8 +12,8 @@ from methods.gradient import (
     input_x_gradient,
     integrated_gradients,
     saliency,
-    smoothgrad,
 )
+from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from methods.perturbation import occlusion, rise
 
 __all__ = [
@@ -40,6 +40,8 @@ __all__ = [
     "saliency",
     "score_cam",
     "smoothgrad",
-    "xgrad_cam",
+    "smoothgrad_sq",
     "traits_of",
+    "vargrad",
+    "xgrad_cam",
 ]

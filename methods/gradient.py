@@ -1,4 +1,5 @@
-"""Gradient-based attribution methods, through Captum (https://captum.ai).
+"""Gradient-based attribution methods, through Captum (https://captum.ai); SmoothGrad and its
+variants are in `methods.noise_tunnel`.
 
 Each returns `[B, C, H, W]` on the inputs' device. `chunk_size` is the number of images (or
 image-sample pairs) per forward pass; the harness sets it from the model's best batch size.
@@ -15,7 +16,6 @@ from captum.attr import (
     GuidedBackprop,
     InputXGradient,
     IntegratedGradients,
-    NoiseTunnel,
     Saliency,
 )
 from torch import nn
@@ -81,39 +81,6 @@ def integrated_gradients(
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return explainer.attribute(
             x, target=t, n_steps=n_steps, method=method, internal_batch_size=max(chunk_size, len(x))
-        )
-
-    return chunked(attribute, inputs, target, images)
-
-
-@method(stochastic=True)
-def smoothgrad(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    nt_samples: Count = 25,
-    noise_level: Annotated[float, Ge(0)] = 0.15,
-    chunk_size: Count = 16,
-) -> torch.Tensor:
-    """SmoothGrad (Smilkov et al. 2017, arXiv:1706.03825, eq. 3): mean absolute gradient over noisy
-    copies. The noise std is `noise_level` times the value range of the batch (the paper's
-    sigma / (x_max - x_min)); draws come from torch's global generator, seeded by the job.
-    """
-    explainer = NoiseTunnel(Saliency(model))
-    stdev = float(noise_level * (inputs.max() - inputs.min()))
-    images = max(1, min(inputs.shape[0], chunk_size // nt_samples))
-    samples_per_call = max(1, min(nt_samples, chunk_size // images))
-
-    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return explainer.attribute(
-            x,
-            target=t,
-            nt_type="smoothgrad",
-            nt_samples=nt_samples,
-            nt_samples_batch_size=samples_per_call,
-            stdevs=stdev,
-            abs=True,
         )
 
     return chunked(attribute, inputs, target, images)
