@@ -5,6 +5,7 @@ from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, hires_cam
 from methods.cam_forward import ablation_cam, eigen_cam, score_cam
 from methods.common import MethodTraits, method, traits_of
 from methods.deeplift import deeplift, deeplift_shap
+from methods.expected_gradients import expected_gradients
 from methods.full_grad import full_grad
 from methods.gradient import (
     gradient_shap,
@@ -15,6 +16,7 @@ from methods.gradient import (
 )
 from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from methods.perturbation import occlusion, rise
+from methods.surrogate import kernel_shap, lime
 
 __all__ = [
     "MethodTraits",
@@ -22,6 +24,7 @@ __all__ = [
     "deeplift",
     "deeplift_shap",
     "eigen_cam",
+    "expected_gradients",
     "full_grad",
     "grad_cam",
     "grad_cam_plus_plus",
@@ -30,8 +33,10 @@ __all__ = [
     "guided_grad_cam",
     "hires_cam",
     "input_x_gradient",
+    "kernel_shap",
     "integrated_gradients",
     "layer_cam",
+    "lime",
     "method",
     "occlusion",
     "oracle",

@@ -34,6 +34,9 @@ class MethodTraits:
         softmax: scores with the softmax of the logits whatever its settings (RISE), which a model
             with one logit makes constant; the job refuses such a model (a `score=softmax` setting
             is read from the settings).
+        references: draws baselines from images of the data held out of the explained ones
+            (`references=` `[R, C, H, W]`, `n_references` of them, bound by the job:
+            `harness.data.references`), as Expected Gradients does.
     """
 
     forward_only: bool = False
@@ -41,6 +44,7 @@ class MethodTraits:
     stochastic: bool = False
     ground_truth: bool = False
     softmax: bool = False
+    references: bool = False
 
 
 def method(
@@ -50,11 +54,13 @@ def method(
     stochastic: bool = False,
     ground_truth: bool = False,
     softmax: bool = False,
+    references: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
-        fn.traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth, softmax)  # type: ignore[attr-defined]
+        traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth, softmax, references)
+        fn.traits = traits  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -89,6 +95,22 @@ def chunked(
         fn(inputs[i : i + images], target[i : i + images]).detach() for i in range(0, inputs.shape[0], images)
     ]
     return torch.cat(parts)
+
+
+def input_gradients(
+    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, images: int
+) -> torch.Tensor:
+    """The gradient of each image's target logit with respect to the image, `images` images per
+    forward+backward: `[B, C, H, W]`.
+    """
+
+    def gradient(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(model(x).gather(1, t[:, None]).sum(), x)
+        return g
+
+    return chunked(gradient, x, target, images)
 
 
 def seed_all(seed: int) -> None:

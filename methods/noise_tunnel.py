@@ -17,7 +17,7 @@ import torch
 from annotated_types import Ge
 from torch import nn
 
-from methods.common import Count, method
+from methods.common import Count, input_gradients, method
 
 
 def draw_noise(samples: int, image: torch.Tensor) -> torch.Tensor:
@@ -48,25 +48,12 @@ def gradient_moments(
         if x.is_contiguous(memory_format=torch.channels_last):  # as the model's inputs come
             noisy = noisy.contiguous(memory_format=torch.channels_last)
         targets = t.repeat_interleave(nt_samples)
-        grads = torch.cat(
-            [
-                _gradient(model, noisy[i : i + chunk_size], targets[i : i + chunk_size])
-                for i in range(0, len(noisy), chunk_size)
-            ]
-        ).view(len(x), nt_samples, *x.shape[1:])
+        grads = input_gradients(model, noisy, targets, chunk_size).view(len(x), nt_samples, *x.shape[1:])
         if absolute:
             grads = grads.abs_()
         mean[start : start + len(x)] = grads.mean(dim=1)
         square[start : start + len(x)] = grads.square_().mean(dim=1)
     return mean, square
-
-
-def _gradient(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The gradient of each image's target logit with respect to the image."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(model(x).gather(1, t[:, None]).sum(), x)
-    return g
 
 
 @method(stochastic=True)

@@ -247,6 +247,10 @@ CASES = [
     ("model/one-logit-rise", [*CUSTOM, "model.builder=mynets_bad.OneLogit", "data.num_images=1", "method=rise", "metric.deletion.score=logit"], "model OneLogit returns one logit, and method rise scores its softmax"),
     ("model/dropout-left-on", [*CUSTOM, "model.builder=mynets_bad.AlwaysDropout", "data.num_images=1"], "model AlwaysDropout gives different logits for the same input"),
     # Data: what a folder holds, and what the photos hold.
+    ("method/expected-gradients-too-many-photos", [*SMALL[:3], "method=expected_gradients", "method.n_references=15", "metric=[deletion]"], "method.n_references=15 but the photos hold out 14 reference photos; expected 1 to 14"),
+    ("data/expected-gradients-folder-all-explained", [*SMALL[:2], *FOLDER, "method=expected_gradients", "metric=[deletion]"], "data.num_images=null explains every image of the folder; set data.num_images to leave at least 12 images"),
+    ("data/expected-gradients-folder-too-few", [*SMALL[:2], *FOLDER, "data.num_images=1", "method=expected_gradients", "method.n_references=3", "metric=[deletion]"], "the method draws 3 reference images from the data's images after the first data.num_images=1: 3 images after the first 1 were asked for but data.root='{d}/data' has 2 images"),
+    ("data/folder-skip-all", [*SMALL[:2], *FOLDER, "data.skip=2", *SMALL[3:]], "data.skip=2 but data.root='{d}/data' has 2 images; expected fewer than 2"),
     ("data/folder-fewer-images", [*SMALL[:2], *FOLDER, "data.num_images=100", *SMALL[3:]], "data.num_images=100 but data.root='{d}/data' has 2 images; expected 1 to 2"),
     ("data/photos-fewer-images", [*SMALL[:2], "data.num_images=100", *SMALL[3:]], "data.num_images=100; expected an integer in [1, 8] or null"),
     ("data/num-images-zero", [*SMALL[:2], *FOLDER, "data.num_images=0", *SMALL[3:]], "data.num_images=0; expected an integer >= 1 or null"),

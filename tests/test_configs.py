@@ -160,9 +160,10 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     """`experiment=methods` sweeps every method that needs no ground truth. The default comparison
     leaves out the CAM family's members that cost a forward per channel (Score-CAM, Ablation-CAM: 10 s
     per photo on 2 cores) or localise as Grad-CAM does on the generated shapes (XGrad-CAM, LayerCAM,
-    HiResCAM) or read no class (EigenCAM), which `experiment=cams` sweeps, and SmoothGrad's other two
-    readings (SmoothGrad-squared, VarGrad: SmoothGrad's cost again each), so that it stays within its
-    six minutes on 2 cores.
+    HiResCAM) or read no class (EigenCAM), which `experiment=cams` sweeps, SmoothGrad's other two
+    readings (SmoothGrad-squared, VarGrad: SmoothGrad's cost again each), Expected Gradients (32
+    forward+backward passes per image), LIME and KernelSHAP (1000 forwards per image each), so that it
+    stays within its six minutes on 2 cores.
     """
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
@@ -183,8 +184,11 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     assert sorted(set(every) - default) == [
         "ablation_cam",
         "eigen_cam",
+        "expected_gradients",
         "hires_cam",
+        "kernel_shap",
         "layer_cam",
+        "lime",
         "score_cam",
         "smoothgrad_sq",
         "vargrad",

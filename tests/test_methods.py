@@ -12,12 +12,22 @@ from methods.common import seed_all, traits_of
 from methods.perturbation import rise_masks
 from tests.conftest import CONF, Linear, PatchDetector, method_configs
 
-# An image's noise depends on the images before it (the noise tunnel draws image by image, in order,
-# whatever the chunk) or, in Captum's GradientShap, on which images share a call; RISE's masks are
-# shared, so it stays exact.
-BATCH_DEPENDENT = {"smoothgrad", "smoothgrad_sq", "vargrad", "gradient_shap"}
+# An image's draws depend on the images before it (the noise tunnel, Expected Gradients, LIME and
+# KernelSHAP draw image by image, in order, whatever the chunk) or, in Captum's GradientShap, on which
+# images share a call; RISE's masks are shared, so it stays exact.
+BATCH_DEPENDENT = {
+    "smoothgrad",
+    "smoothgrad_sq",
+    "vargrad",
+    "expected_gradients",
+    "lime",
+    "kernel_shap",
+    "gradient_shap",
+}
 CHUNK_DEPENDENT = {"gradient_shap"}
 CHEAP = {"n_steps": 8, "nt_samples": 4, "n_samples": 4, "n_masks": 24, "window": 8, "stride": 4}
+# LIME's and KernelSHAP's regions: a grid (SLIC finds one superpixel in these noise images).
+CHEAP |= {"segments": "grid"}
 
 
 def configured(name: str, chunk_size: int = 4, **overrides):
@@ -32,8 +42,14 @@ def configured(name: str, chunk_size: int = 4, **overrides):
     return fn
 
 
+# Reference images for a method that draws baselines from the data (the job binds held-out images).
+REFERENCES = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+
 def call(fn, model, x, t, seed=0):
     seed_all(seed)
+    if traits_of(fn).references:
+        return fn(model, x, t, references=REFERENCES)
     if traits_of(fn).ground_truth:  # the oracle: each image's "object" is where its red channel is positive
         from metrics import GroundTruth
 

@@ -106,6 +106,7 @@ def image_folder(
     boxes: str | None = None,
     classes: str | dict[str, Any] | None = None,
     class_names: Sequence[str] | None = None,
+    skip: Annotated[int, Ge(0)] = 0,
 ) -> Images:
     """Images in `root/<class>/<file>`, the ImageNet validation layout.
 
@@ -124,10 +125,23 @@ def image_folder(
             Pascal VOC XML files or a CSV file (path, class, xmin, ymin, xmax, ymax); None: none.
         classes: folder names to the model's classes (see `mapping`); None: matched by name.
         class_names: the model's class names (the job passes them).
+        skip: leave out the first this many (in sorted path order) before taking `num_images`: the
+            images held out of a job's, where a method draws references from the data (`references`).
     """
     base = Path(root).expanduser()
     files, index = _files(base, root, class_names, classes)
+    total = len(files)
+    files = files[skip:]
+    if not files:
+        raise ValueError(
+            f"data.skip={skip} but data.root={root!r} has {total} images; expected fewer than {total}"
+        )
     if num_images is not None:
+        if skip and not 1 <= num_images <= len(files):
+            raise ValueError(
+                f"{num_images} images after the first {skip} were asked for but data.root={root!r} has "
+                f"{total} images"
+            )
         if not 1 <= num_images <= len(files):
             raise ValueError(
                 f"data.num_images={num_images} but data.root={root!r} has {len(files)} images; "

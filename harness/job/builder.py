@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from harness.config import CHOSEN_BY_JOB, HarnessError, Settings, as_declared, check_config
-from harness.data import Images, load_data
+from harness.data import Images, held_out, load_data
 from harness.models import Classifier
 from harness.runtime import (
     Calibration,
@@ -52,7 +52,9 @@ class Job:
     settings ask for it (`classifier.module` stays eager); `trained` is a copy of the module as loaded
     (before speed options), kept only for metrics that declare they need it. `clock` started with the
     job and collects where its time goes besides the calls (build, calibration, warm-ups, bound
-    loops, profiles). `method` and `metrics` are partials holding every setting they run with.
+    loops, profiles). `method` and `metrics` are partials holding every setting they run with;
+    `references` names the images held out of the data that a method drawing baselines from the data
+    got (bound to its partial), None for other methods.
     """
 
     settings: Settings
@@ -72,6 +74,7 @@ class Job:
     clock: Stopwatch
     progress: Progress
     trained: torch.nn.Module | None = None
+    references: list[str] | None = None
 
     @property
     def seed(self) -> int:
@@ -109,6 +112,11 @@ def build(
         data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
         facts = {"layer": clf.cam_layer, "layout": clf.cam_layout, "blocks": clf.blocks}
         method, metrics = filled(method, facts), {m: filled(fn, facts) for m, fn in metrics.items()}
+        references = None
+        if traits.references:  # images held out of the explained ones, bound to the method
+            count = int(settings_of(method)["n_references"])
+            refs = held_out(cfg.data, count, clf.input_size, clf.mean, clf.std, clf.class_names)
+            method, references = partial(method, references=refs.images.to(device)), refs.ids
         _check_model_and_data(metrics, traits, name, clf, data)
         _check_scores(method, traits, name, metrics, clf)
         needs = {n for fn in metrics.values() for n in metric_traits(fn).needs}
@@ -131,7 +139,7 @@ def build(
     declared = {m: metric_traits(fn) for m, fn in metrics.items()}
     return Job(
         settings, device, options, clf, model, data, name, method, traits, metrics, declared, speed,
-        calibration, folded, clock, progress, trained,
+        calibration, folded, clock, progress, trained, references,
     )  # fmt: skip
 
 

@@ -41,9 +41,10 @@ def _plain(value: Any) -> Any:
 
 def params(prefix: str, fn: Any) -> dict[str, Any]:
     """The settings a method or metric runs with (the keywords of its partial: the config's, with
-    what the job chose for it) as row fields `<prefix>.<key>`.
+    what the job chose for it) as row fields `<prefix>.<key>`; tensors the job bound (a method's
+    reference images) are recorded by the job under their ids instead.
     """
-    return {f"{prefix}.{k}": _plain(v) for k, v in settings_of(fn).items()}
+    return {f"{prefix}.{k}": _plain(v) for k, v in settings_of(fn).items() if not isinstance(v, torch.Tensor)}
 
 
 def bootstrap_ci(

@@ -183,6 +183,7 @@ def _attribute(
         "method_compiled": job.options.compile is not None and model is not job.classifier.module,
         **measured["method"].fields("method"),
         **params("method", job.method),
+        **({} if job.references is None else {"method.references": ",".join(job.references)}),
     }
     return maps, fields
 
