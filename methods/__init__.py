@@ -15,12 +15,14 @@ from methods.gradient import (
     saliency,
 )
 from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
+from methods.path_ig import blur_ig, guided_ig
 from methods.perturbation import occlusion, rise
 from methods.surrogate import kernel_shap, lime
 
 __all__ = [
     "MethodTraits",
     "ablation_cam",
+    "blur_ig",
     "deeplift",
     "deeplift_shap",
     "eigen_cam",
@@ -31,6 +33,7 @@ __all__ = [
     "gradient_shap",
     "guided_backprop",
     "guided_grad_cam",
+    "guided_ig",
     "hires_cam",
     "input_x_gradient",
     "kernel_shap",

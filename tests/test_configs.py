@@ -162,8 +162,9 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     per photo on 2 cores) or localise as Grad-CAM does on the generated shapes (XGrad-CAM, LayerCAM,
     HiResCAM) or read no class (EigenCAM), which `experiment=cams` sweeps, SmoothGrad's other two
     readings (SmoothGrad-squared, VarGrad: SmoothGrad's cost again each), Expected Gradients (32
-    forward+backward passes per image), LIME and KernelSHAP (1000 forwards per image each), so that it
-    stays within its six minutes on 2 cores.
+    forward+backward passes per image), LIME and KernelSHAP (1000 forwards per image each), Guided IG
+    and Blur IG (200 and 100 forward+backward passes per image), so that it stays within its six
+    minutes on 2 cores.
     """
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
@@ -183,8 +184,10 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     assert family <= set(every) and "random" in family
     assert sorted(set(every) - default) == [
         "ablation_cam",
+        "blur_ig",
         "eigen_cam",
         "expected_gradients",
+        "guided_ig",
         "hires_cam",
         "kernel_shap",
         "layer_cam",

@@ -25,7 +25,8 @@ BATCH_DEPENDENT = {
     "gradient_shap",
 }
 CHUNK_DEPENDENT = {"gradient_shap"}
-CHEAP = {"n_steps": 8, "nt_samples": 4, "n_samples": 4, "n_masks": 24, "window": 8, "stride": 4}
+CHEAP = {"n_steps": 8, "nt_samples": 4, "n_samples": 4, "n_masks": 24, "window": 8, "stride": 4, "steps": 6}
+CHEAP |= {"max_sigma": 4.0}  # Blur IG's strongest blur on 32-pixel images
 # LIME's and KernelSHAP's regions: a grid (SLIC finds one superpixel in these noise images).
 CHEAP |= {"segments": "grid"}
 
