@@ -1,0 +1,154 @@
+"""LIME, KernelSHAP, Guided IG and Blur IG against the libraries that define them, side by side on one
+machine.
+
+`python -m harness.versus.methods --out results/published/<machine>` times, on EfficientNet-Lite0 at
+224x224 and the sample photos:
+
+- LIME and KernelSHAP against Captum's `Lime` and `KernelShap` with their defaults (a Lasso of alpha
+  0.01 for LIME, `perturbations_per_eval=1`), the same SLIC regions and the same number of samples
+  (`--samples`) per photo, on `--images` photos;
+- Guided IG and Blur IG against PAIR's `saliency` 0.2.1 (its NumPy core, one image at a time, a
+  `call_model_function` that runs the model as a user would: one forward+backward per call, batch 1
+  for Guided IG, PAIR's default `batch_size=1` for Blur IG), with PAIR's default steps (200, 100).
+
+Ours run with the harness's defaults (channels_last, BatchNorm folded) at its calibrated chunk sizes.
+The calls alternate, ours first, after one warm-up call each; every figure is the best of `--repeats`
+calls. It writes `versus_methods.csv` and `versus_methods.md` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import types
+import warnings
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import methods
+from harness.results import atomic_write
+from harness.runtime import machine_id
+from harness.versus.cams import _row, best_of, to_markdown
+from harness.versus.captum import Setup, _setup
+from methods.surrogate import regions
+
+log = logging.getLogger("harness")
+SETTING = "efficientnet_lite0@224"
+
+
+def surrogates(
+    s: Setup, device: torch.device, repeats: int, images: int, samples: int
+) -> list[dict[str, Any]]:
+    """LIME and KernelSHAP, ours and Captum's, on `images` photos of `samples` samples each."""
+    from captum.attr import KernelShap, Lime
+
+    x, t = s.x[:images], s.t[:images]
+    masks = regions(x, "slic", 50, 10.0, 8)
+
+    def captum(kind: type) -> Callable[[], Any]:
+        explainer = kind(s.captum_model)
+
+        def call() -> list[torch.Tensor]:
+            return [
+                explainer.attribute(
+                    x[i : i + 1], target=int(t[i]), feature_mask=masks[i][None, None], n_samples=samples
+                )
+                for i in range(len(x))
+            ]
+
+        return call
+
+    rows = []
+    for name, kind in (("lime", Lime), ("kernel_shap", KernelShap)):
+        ours = getattr(methods, name)
+        calls: dict[str, Callable[[], Any]] = {
+            "ours": partial(ours, s.model, x, t, n_samples=samples, chunk_size=s.bs),
+            "captum": captum(kind),
+        }
+        log.info("%s on %d photo(s), %d samples each", name, images, samples)
+        rows.append(_row(f"{name} ({samples} samples)", images, best_of(calls, device, repeats)))
+    return rows
+
+
+def _pair_model(
+    model: torch.nn.Module, target: int, device: torch.device
+) -> Callable[..., dict[str, np.ndarray]]:
+    """PAIR's `call_model_function`: `[N, H, W, C]` arrays in, the target logit's gradients out."""
+    from saliency.core.base import INPUT_OUTPUT_GRADIENTS
+
+    def call(batch: Any, call_model_args: Any = None, expected_keys: Any = None) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.asarray(batch, dtype=np.float32)).permute(0, 3, 1, 2).to(device)
+        x.requires_grad_(True)
+        (g,) = torch.autograd.grad(model(x)[:, target].sum(), x)
+        return {INPUT_OUTPUT_GRADIENTS: g.permute(0, 2, 3, 1).cpu().numpy()}
+
+    return call
+
+
+def paths(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[str, Any]]:
+    """Guided IG and Blur IG, ours and PAIR's, on `images` photos with PAIR's default settings."""
+    import saliency.core.guided_ig as pair_guided
+    from saliency.core import BlurIG, GuidedIG
+
+    # saliency 0.2.1 calls np.quantile(..., interpolation=), a keyword NumPy 2 renamed `method`.
+    shim = types.SimpleNamespace(**{k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    shim.quantile = lambda a, q, interpolation="linear", **kw: np.quantile(a, q, method=interpolation, **kw)
+    pair_guided.np = shim
+    x, t = s.x[:images], s.t[:images]
+    hwc = [x[i].permute(1, 2, 0).cpu().numpy() for i in range(images)]
+    models = [_pair_model(s.captum_model, int(t[i]), device) for i in range(images)]
+    guided = {
+        "ours": lambda: methods.guided_ig(s.model, x, t, chunk_size=s.grad_bs),
+        "pair-saliency": lambda: [GuidedIG().GetMask(hwc[i], models[i]) for i in range(images)],
+    }
+    blur = {
+        "ours": lambda: methods.blur_ig(s.model, x, t, chunk_size=s.grad_bs),
+        "pair-saliency": lambda: [BlurIG().GetMask(hwc[i], models[i]) for i in range(images)],
+    }
+    log.info("guided_ig and blur_ig on %d photo(s)", images)
+    return [
+        _row("guided_ig (200 steps)", images, best_of(guided, device, repeats)),
+        _row("blur_ig (100 steps)", images, best_of(blur, device, repeats)),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the comparisons and write the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for versus_methods.csv and .md")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats per figure; the best is kept")
+    parser.add_argument("--images", type=int, default=2, help="photos per call")
+    parser.add_argument("--samples", type=int, default=200, help="LIME's and KernelSHAP's samples per photo")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    device = torch.device(args.device)
+    s = _setup(SETTING, device)
+    rows = surrogates(s, device, args.repeats, args.images, args.samples) + paths(
+        s, device, args.repeats, args.images
+    )
+    table = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    title = (
+        "# LIME, KernelSHAP, Guided IG and Blur IG against their libraries "
+        f"({machine_id()}, {args.device}, {SETTING})"
+    )
+    text = (
+        f"{title}\n\n{to_markdown(table)}\nms per image, best of {args.repeats} alternating calls after a "
+        "warm-up; batch sizes: ours the harness's calibrated ones "
+        f"({s.bs} forward, {s.grad_bs} forward+backward), the libraries their defaults.\n"
+    )
+    atomic_write(args.out / "versus_methods.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(args.out / "versus_methods.md", lambda p: p.write_text(text))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
