@@ -113,6 +113,23 @@ def input_gradients(
     return chunked(gradient, x, target, images)
 
 
+def like_inputs(t: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """`t` (a batch the method builds from `inputs`: noisy copies, path points, masked images) in the
+    memory format the model's inputs come in: channels-last when they are, else as it is.
+    """
+    if inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def numba_threads() -> None:
+    """Run the methods' numba kernels on as many threads as torch uses (at most numba's own)."""
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+
+
 def seed_all(seed: int) -> None:
     """Seed every generator that methods draw from: torch's (all devices) and NumPy's global one,
     which Captum's GradientShap uses for its baselines and interpolation points.

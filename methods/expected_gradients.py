@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods.common import Count, input_gradients, method
+from methods.common import Count, input_gradients, like_inputs, method
 
 
 def draw(samples: int, references: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +51,7 @@ def expected_gradients(
             alphas.append(alpha)
         base, alpha = torch.cat(baselines), torch.cat(alphas)[:, None, None, None].to(inputs.dtype)
         delta = x.repeat_interleave(n_samples, dim=0) - base
-        points = base + alpha * delta
-        if x.is_contiguous(memory_format=torch.channels_last):  # as the model's inputs come
-            points = points.contiguous(memory_format=torch.channels_last)
+        points = like_inputs(base + alpha * delta, x)
         targets = t.repeat_interleave(n_samples)
         grads = input_gradients(model, points, targets, chunk_size)
         out[start : start + len(x)] = (delta * grads).view(len(x), n_samples, *x.shape[1:]).mean(dim=1)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from methods import full_grad_cpu
-from methods.common import Count, chunked, method
+from methods.common import Count, chunked, method, numba_threads
 
 # A reduction over the positions of a channels-last map runs at memory speed once its rows hold this
 # many values; rows of fewer channels (16 or 24 in an early layer) run up to 10 times slower.
@@ -93,8 +93,7 @@ def full_grad(
     size = tuple(inputs.shape[2:])
     biases = {m: b for m in model.modules() if (b := _bias(m)) is not None}
     if inputs.device.type == "cpu":  # the compiled terms on the threads torch uses
-        most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+        numba_threads()
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Upsampling is linear: the normalised maps of one resolution are summed, then upsampled once.

@@ -17,7 +17,7 @@ import torch
 from annotated_types import Ge
 from torch import nn
 
-from methods.common import Count, input_gradients, method
+from methods.common import Count, input_gradients, like_inputs, method
 
 
 def draw_noise(samples: int, image: torch.Tensor) -> torch.Tensor:
@@ -44,9 +44,9 @@ def gradient_moments(
     for start in range(0, b, per_group):
         x, t = inputs[start : start + per_group], target[start : start + per_group]
         sigma = noise_level * (x.flatten(1).amax(dim=1) - x.flatten(1).amin(dim=1))  # [k]
-        noisy = torch.cat([x[i] + sigma[i] * draw_noise(nt_samples, x[i]) for i in range(len(x))])
-        if x.is_contiguous(memory_format=torch.channels_last):  # as the model's inputs come
-            noisy = noisy.contiguous(memory_format=torch.channels_last)
+        noisy = like_inputs(
+            torch.cat([x[i] + sigma[i] * draw_noise(nt_samples, x[i]) for i in range(len(x))]), x
+        )
         targets = t.repeat_interleave(nt_samples)
         grads = input_gradients(model, noisy, targets, chunk_size).view(len(x), nt_samples, *x.shape[1:])
         if absolute:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
-import numba
 import torch
 from annotated_types import Gt, Interval
 from torch import nn
 
 from methods import path_ig_cpu
-from methods.common import Count, input_gradients, method
+from methods.common import Count, input_gradients, like_inputs, method, numba_threads
 
 
 def blur_matrix(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -80,7 +79,6 @@ def blur_ig(
     else:
         sigmas = [i * max_sigma / steps for i in range(steps + 1)]
     total = torch.zeros_like(inputs)
-    channels_last = inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
     h, w = inputs.shape[2:]
     for start in range(0, steps, chunk_size):  # the blurs of a chunk of steps, for every image
         chunk = range(start, min(steps, start + chunk_size))
@@ -92,9 +90,7 @@ def blur_ig(
         for b, (x, t) in enumerate(zip(inputs, target, strict=True)):
             points = blurred(x, at)
             slope = (blurred(x, ahead) - points) / grad_step
-            if channels_last:
-                points = points.contiguous(memory_format=torch.channels_last)
-            grads = input_gradients(model, points, t.expand(len(chunk)), len(chunk))
+            grads = input_gradients(model, like_inputs(points, inputs), t.expand(len(chunk)), len(chunk))
             total[b] += (widths[:, None, None, None] * slope * grads).sum(dim=0)
     return -total
 
@@ -156,28 +152,21 @@ def guided_ig(
     inf = math.inf
     compiled = inputs.device.type == "cpu" and COMPILED_ON_CPU
     if compiled:
-        most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), most)))
+        numba_threads()
     for step in range(steps):
-        here = x.view_as(inputs).to(inputs.dtype)
-        if inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous():
-            here = here.contiguous(memory_format=torch.channels_last)
+        here = like_inputs(x.view_as(inputs).to(inputs.dtype), inputs)
         grads = input_gradients(model, here, target, chunk_size).flatten(1)
+        alpha = (step + 1.0) / steps
+        alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
         if compiled:  # the CPU: the step of every image in a few fused passes (`methods.path_ig_cpu`)
             grads = grads.float().contiguous()
             share = 1 - (step + 1) / steps
-            alpha_min, alpha_max = (
-                max((step + 1.0) / steps - max_dist, 0.0),
-                min((step + 1.0) / steps + max_dist, 1.0),
-            )
             path_ig_cpu.guided_steps(
                 x.numpy(), grads.numpy(), images.numpy(), base.numpy(), attr.numpy(), l1_total.numpy(),
                 alpha_min, alpha_max, share, k,
             )  # fmt: skip
             continue
         size = grads.abs().float()  # |grad| in float32 orders as in float64 (the model's gradients)
-        alpha = (step + 1.0) / steps
-        alpha_min, alpha_max = max(alpha - max_dist, 0.0), min(alpha + max_dist, 1.0)
         x_min, x_max = base + span * alpha_min, base + span * alpha_max
         l1_target = l1_total * (1 - (step + 1) / steps)
         start = x.clone()

@@ -26,7 +26,7 @@ from annotated_types import Ge, Gt
 from torch import nn
 from torch.nn import functional as F
 
-from methods.common import Count, method
+from methods.common import Count, like_inputs, method
 from methods.perturbation import Score, _scorer
 
 Segments = Literal["slic", "quickshift", "grid"]
@@ -118,7 +118,6 @@ def _surrogate(
     images, z)`), fit, and paint each region with its coefficient. `[B, 1, H, W]`.
     """
     out = torch.empty(inputs.shape[0], 1, *inputs.shape[2:], device=inputs.device, dtype=torch.float32)
-    channels_last = inputs.is_contiguous(memory_format=torch.channels_last) and not inputs.is_contiguous()
     for i, (x, t, regions_) in enumerate(zip(inputs, target.tolist(), features, strict=True)):
         count = int(regions_.max()) + 1
         z = draw(samples, count)
@@ -126,9 +125,7 @@ def _surrogate(
         scores, weights = [], []
         for start in range(0, samples, chunk_size):
             keep = kept_z[start : start + chunk_size][:, regions_]  # [k, H, W]
-            batch = keep[:, None] * x  # the rest: the baseline, 0
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = like_inputs(keep[:, None] * x, inputs)  # the rest: the baseline, 0
             with torch.no_grad():
                 scores.append(model(batch)[:, t].float())
             weights.append(weigh(x, batch, z[start : start + chunk_size]))

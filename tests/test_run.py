@@ -209,7 +209,10 @@ def test_single_run_with_image_folder(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["method=sailency"], "unknown method 'sailency'; available: ablation_cam, blur_ig, deeplift, deeplift_shap,"),
+        (
+            ["method=sailency"],
+            "unknown method 'sailency'; available: ablation_cam, blur_ig, deeplift, deeplift_shap,",
+        ),
         (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
         (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, custom, efficientnet_lite0,"),
         (

@@ -178,6 +178,20 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(out: Path, stem: str, title: str, table: pd.DataFrame, repeats: int, s: Setup) -> None:
+    """`<stem>.csv` and `<stem>.md` (the table in Markdown under `title`, with how it was timed) into
+    `out`, and the Markdown printed.
+    """
+    text = (
+        f"{title}\n\n{to_markdown(table)}\nms per image, best of {repeats} alternating calls after a "
+        "warm-up; batch sizes: ours the harness's calibrated ones "
+        f"({s.bs} forward, {s.grad_bs} forward+backward), the libraries their defaults.\n"
+    )
+    atomic_write(out / f"{stem}.csv", lambda p: table.to_csv(p, index=False))
+    atomic_write(out / f"{stem}.md", lambda p: p.write_text(text))
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparisons and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -198,14 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     title = (
         f"# The CAM family and DeepLIFT against their libraries ({machine_id()}, {args.device}, {SETTING})"
     )
-    text = (
-        f"{title}\n\n{to_markdown(table)}\nms per image, best of {args.repeats} alternating calls after a "
-        "warm-up; batch sizes: ours the harness's calibrated ones "
-        f"({s.bs} forward, {s.grad_bs} forward+backward), the libraries their defaults.\n"
-    )
-    atomic_write(args.out / "versus_cams.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(args.out / "versus_cams.md", lambda p: p.write_text(text))
-    print(text)
+    write(args.out, "versus_cams", title, table, args.repeats, s)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ import pandas as pd
 import torch
 
 import methods
-from harness.results import atomic_write
 from harness.runtime import machine_id
-from harness.versus.cams import _row, best_of, to_markdown
+from harness.versus.cams import _row, best_of, write
 from harness.versus.captum import Setup, _setup
 from methods.surrogate import regions
 
@@ -140,14 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "# LIME, KernelSHAP, Guided IG and Blur IG against their libraries "
         f"({machine_id()}, {args.device}, {SETTING})"
     )
-    text = (
-        f"{title}\n\n{to_markdown(table)}\nms per image, best of {args.repeats} alternating calls after a "
-        "warm-up; batch sizes: ours the harness's calibrated ones "
-        f"({s.bs} forward, {s.grad_bs} forward+backward), the libraries their defaults.\n"
-    )
-    atomic_write(args.out / "versus_methods.csv", lambda p: table.to_csv(p, index=False))
-    atomic_write(args.out / "versus_methods.md", lambda p: p.write_text(text))
-    print(text)
+    write(args.out, "versus_methods", title, table, args.repeats, s)
 
 
 if __name__ == "__main__":
