@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from methods.common import chunked
+from methods.common import like_inputs
 
 EPS = 1e-10  # Captum's: below it, a difference in a nonlinearity's input counts as none
 
@@ -100,19 +100,21 @@ class _Call:
     d0: torch.Tensor | None = None  # an element-wise function's derivative at z0
     indices0: torch.Tensor | None = None
 
-    def part(self, lo: int, hi: int) -> _Call:
-        """The call as baselines `lo` to `hi` saw it."""
+    def take(self, pairs: slice | torch.Tensor) -> _Call:
+        """The call as the baselines of a chunk's image-baseline pairs saw it: `[n, ...]`, one per
+        pair, from a slice of the baselines (a view) or their indices (a copy).
+        """
         d0, indices0 = self.d0, self.indices0
         return _Call(
-            self.func, self.z0[lo:hi], self.y0[lo:hi], None if d0 is None else d0[lo:hi],
-            None if indices0 is None else indices0[lo:hi],
+            self.func, self.z0[pairs], self.y0[pairs], None if d0 is None else d0[pairs],
+            None if indices0 is None else indices0[pairs],
         )  # fmt: skip
 
 
 class _Pairing(TorchFunctionMode):
     """Records the nonlinearities' calls (`calls=None`: the baselines' forward) or gives each call
-    the derivative DeepLIFT assigns it (`calls` from that forward: the images' forward, `K` images
-    per image being explained, baseline-major within each image). Raises `NotCovered` at a call
+    the derivative DeepLIFT assigns it (`calls` from that forward, taken for the image-baseline
+    pairs being forwarded: one baseline per pair, or one for all). Raises `NotCovered` at a call
     that neither the rules nor the pass-through sets cover.
     """
 
@@ -232,11 +234,6 @@ def _pair(v: Any) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _baseline_major(t: torch.Tensor, k: int) -> torch.Tensor:
-    """`[B*K, ...]` as `[B, K, ...]`: image `b`'s copy for baseline `k` at `b*K + k`."""
-    return t.unflatten(0, (-1, k))
-
-
 class _Rescaled(torch.autograd.Function):
     """An element-wise nonlinearity whose derivative is DeepLIFT's secant from the paired baseline's."""
 
@@ -245,11 +242,10 @@ class _Rescaled(torch.autograd.Function):
         ctx: Any, z: torch.Tensor, call: _Call, f: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         y = f(z)
-        k = call.z0.shape[0]
-        dz = _baseline_major(z, k) - call.z0
-        m = (_baseline_major(y, k) - call.y0).div_(dz)
+        dz = z - call.z0
+        m = (y - call.y0).div_(dz)
         # Where the input did not move, the derivative (as Captum): z = z0 there, so the baseline's.
-        m = torch.where(dz.abs_() < EPS, call.d0, m).flatten(0, 1)  # type: ignore[arg-type]
+        m = torch.where(dz.abs_() < EPS, call.d0, m)  # type: ignore[arg-type]
         ctx.save_for_backward(m)
         return y
 
@@ -294,16 +290,13 @@ class _MaxPooled(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         z, y, indices = ctx.saved_tensors
         call, pool = ctx.call, ctx.pool
-        k = call.z0.shape[0]
-        y_ = _baseline_major(y, k)
-        top = torch.maximum(y_, call.y0)
-        g = _baseline_major(grad, k)
+        top = torch.maximum(y, call.y0)
         assert call.indices0 is not None  # recorded with the call
-        indices0 = call.indices0.expand_as(_baseline_major(indices, k)).flatten(0, 1)
-        moved = pool.spread((g * (top - call.y0)).flatten(0, 1), indices, z.shape[2:]) + pool.spread(
-            (g * (y_ - top)).flatten(0, 1), indices0, z.shape[2:]
+        indices0 = call.indices0.expand_as(indices)
+        moved = pool.spread(grad * (top - call.y0), indices, z.shape[2:]) + pool.spread(
+            grad * (y - top), indices0, z.shape[2:]
         )
-        dz = (_baseline_major(z, k) - call.z0).flatten(0, 1)
+        dz = z - call.z0
         plain = torch.ops.aten.max_pool2d_with_indices_backward(
             grad, z, list(pool.kernel), list(pool.stride), list(pool.padding), list(pool.dilation),
             pool.ceil_mode, indices,
@@ -316,40 +309,52 @@ def rescale(
 ) -> torch.Tensor:
     """DeepLIFT's attributions of `inputs` `[B, C, H, W]` against each of `baselines` `[K, C, H, W]`,
     averaged over the baselines (DeepLIFT-SHAP; DeepLIFT for one baseline): `[B, C, H, W]`.
-    At most `chunk` image-baseline pairs are forwarded at once: several images with all `K` baselines
-    each, or one image with its baselines in groups. Raises `NotCovered` where the model calls what
-    the rule does not cover.
+
+    The `B * K` image-baseline pairs (image-major: pair `p` is image `p // K` against baseline
+    `p % K`) are forwarded `chunk` at a time, so that every forward but the last is full whatever
+    `K` is; each image's attributions are summed in baseline order. Raises `NotCovered` where the
+    model calls what the rule does not cover.
     """
     k = baselines.shape[0]
     with torch.no_grad(), _Pairing(baselines) as recorder:
         model(baselines)
     calls = recorder.calls
-    group = min(k, max(1, chunk))  # baselines per forward
-
-    def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros_like(x)
-        for lo in range(0, k, group):
-            hi = min(lo + group, k)
-            total += _against(model, x, t, [c.part(lo, hi) for c in calls], baselines[lo:hi]).sum(dim=1)
-        return total / k
-
-    return chunked(attribute, inputs, target, max(1, chunk // k))
+    chunk = max(1, int(chunk))
+    total = torch.zeros_like(inputs)
+    for lo in range(0, inputs.shape[0] * k, chunk):
+        hi = min(lo + chunk, inputs.shape[0] * k)
+        first, last = lo // k, (hi - 1) // k  # the images this chunk's pairs belong to
+        pairs = torch.arange(lo, hi, device=inputs.device)
+        which: slice | torch.Tensor
+        if k == 1:
+            x, which = inputs[lo:hi], slice(0, 1)  # one baseline for all: broadcast, no copies
+        elif first == last:
+            x, which = inputs[first : first + 1], slice(lo % k, lo % k + hi - lo)  # one image
+        else:
+            x, which = inputs[pairs // k], pairs % k
+        empty = torch.empty((hi - lo, *inputs.shape[1:]), dtype=inputs.dtype, device=inputs.device)
+        copies = like_inputs(empty, inputs).copy_(x)
+        t = target[(pairs // k).to(target.device)]
+        attributions = _against(model, copies, t, [c.take(which) for c in calls], baselines[which])
+        for b in range(first, last + 1):  # each image's pairs, in baseline order
+            total[b] += attributions[max(lo, b * k) - lo : min(hi, (b + 1) * k) - lo].sum(0)
+    return total / k
 
 
 def _against(
-    model: nn.Module, x: torch.Tensor, t: torch.Tensor, calls: list[_Call], baselines: torch.Tensor
+    model: nn.Module, copies: torch.Tensor, t: torch.Tensor, calls: list[_Call], baselines: torch.Tensor
 ) -> torch.Tensor:
-    """Each image's attributions against each of `baselines` (whose forward `calls` recorded):
-    `[B, K, C, H, W]`, from one forward and one backward of the `B * K` image-baseline pairs.
+    """Each image-baseline pair's attributions, `[n, C, H, W]` for `n` pairs (`copies`, `t`: each
+    pair's image, a tensor of its own, and class; `baselines` and `calls`: each pair's baseline and
+    its recorded calls, or one for all), from one forward and one backward.
     """
-    k = baselines.shape[0]
-    copies = x.repeat_interleave(k, dim=0).requires_grad_(True)
+    copies.requires_grad_(True)
     with torch.enable_grad():
         pairing = _Pairing(copies, calls)
         with pairing:
             logits = model(copies)
         if pairing.next != len(calls):
             raise NotCovered("a forward whose nonlinearities differ between the baselines and the images")
-        score = logits.gather(1, t.repeat_interleave(k)[:, None]).sum()
+        score = logits.gather(1, t[:, None]).sum()
         (m,) = torch.autograd.grad(score, copies)
-    return (_baseline_major(copies.detach(), k) - baselines) * _baseline_major(m, k)
+    return (copies.detach() - baselines) * m

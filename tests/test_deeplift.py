@@ -179,21 +179,27 @@ def test_batch_and_chunk_do_not_change_the_map(k):
     torch.testing.assert_close(alone, whole, rtol=0, atol=1e-7)
 
 
-def test_no_forward_holds_more_image_baseline_pairs_than_the_chunk():
-    """With more baselines than the chunk, an image's baselines go in groups; the map is the same."""
+def test_every_forward_but_the_last_holds_exactly_the_chunk_of_image_baseline_pairs():
+    """Pairs are forwarded `chunk` at a time across images (5 baselines, chunks of 2 and 3: a chunk
+    holds pairs of two images); the map is the same as in one forward.
+    """
     model, _, x = MODELS["small_cnn"]
     t = torch.arange(len(x)) % 5
     baselines = torch.randn((5, *x.shape[1:]), generator=torch.Generator().manual_seed(3))
+    whole = rescale(model, x, t, baselines, chunk=64)
+    pairs = len(x) * len(baselines)  # 20
     sizes: list[int] = []
     handle = model.register_forward_pre_hook(
         lambda _m, args: sizes.append(len(args[0])) if torch.is_grad_enabled() else None
     )
     try:
-        grouped = rescale(model, x, t, baselines, chunk=2)
+        for chunk, expected in ((2, [2] * 10), (3, [3] * 6 + [2])):
+            sizes.clear()
+            grouped = rescale(model, x, t, baselines, chunk=chunk)
+            assert sizes == expected and sum(sizes) == pairs
+            torch.testing.assert_close(grouped, whole, rtol=0, atol=1e-7)
     finally:
         handle.remove()
-    assert max(sizes) <= 2 and sum(sizes) == len(x) * len(baselines)
-    torch.testing.assert_close(grouped, rescale(model, x, t, baselines, chunk=64), rtol=0, atol=1e-7)
 
 
 def test_nonlinearities_with_settings_equal_captums():
