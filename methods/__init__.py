@@ -14,6 +14,7 @@ from methods.gradient import (
     integrated_gradients,
     saliency,
 )
+from methods.lrp import lrp
 from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from methods.path_ig import blur_ig, guided_ig
 from methods.perturbation import occlusion, rise
@@ -40,6 +41,7 @@ __all__ = [
     "integrated_gradients",
     "layer_cam",
     "lime",
+    "lrp",
     "method",
     "occlusion",
     "oracle",

@@ -163,8 +163,8 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     HiResCAM) or read no class (EigenCAM), which `experiment=cams` sweeps, SmoothGrad's other two
     readings (SmoothGrad-squared, VarGrad: SmoothGrad's cost again each), Expected Gradients (32
     forward+backward passes per image), LIME and KernelSHAP (1000 forwards per image each), Guided IG
-    and Blur IG (200 and 100 forward+backward passes per image), so that it stays within its six
-    minutes on 2 cores.
+    and Blur IG (200 and 100 forward+backward passes per image) and LRP (its rules pass every
+    convolution two to five times more), so that it stays within its six minutes on 2 cores.
     """
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", return_hydra_config=True)
@@ -192,6 +192,7 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
         "kernel_shap",
         "layer_cam",
         "lime",
+        "lrp",
         "score_cam",
         "smoothgrad_sq",
         "vargrad",

@@ -66,6 +66,12 @@ class Classifier:
     blocks: Blocks = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The lowest and highest value of each input channel: pixel values 0 and 1, normalised."""
+        low = tuple((0.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
+        return low, tuple((1.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
+
     @classmethod
     def from_module(
         cls,
