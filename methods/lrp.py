@@ -31,6 +31,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from zennit import composites, rules
+from zennit.canonizers import SequentialMergeBatchNorm
+from zennit.core import Composite as Rules
+from zennit.core import ParamMod
+from zennit.types import Convolution, Linear
 
 from methods.common import Count, chunked, method
 
@@ -116,21 +121,16 @@ def lrp(
     return chunked(relevance, inputs, target, chunk_size)
 
 
-def _composite(
-    name: str, epsilon: float, gamma: float, pixel_range: Any, inputs: torch.Tensor
-) -> Any:  # zennit.core.Composite
-    from zennit import composites, rules
-    from zennit.canonizers import SequentialMergeBatchNorm
-    from zennit.types import Convolution, Linear
-
+def _composite(name: str, epsilon: float, gamma: float, pixel_range: Any, inputs: torch.Tensor) -> Rules:
     canonizers = [SequentialMergeBatchNorm()]
     kw = {"epsilon": epsilon, "stabilizer": STABILIZER, "canonizers": canonizers}
+    z_plus = [(Convolution, _ZPlus(stabilizer=STABILIZER))]  # prepended: it takes the convolutions
     if name == "epsilon_plus_flat":
-        return composites.EpsilonPlusFlat(**kw)
+        return composites.EpsilonPlusFlat(layer_map=z_plus, **kw)
     if name == "epsilon_alpha2_beta1":
         return composites.EpsilonAlpha2Beta1(**kw)
     if name == "epsilon_plus":
-        return composites.EpsilonPlus(**kw)
+        return composites.EpsilonPlus(layer_map=z_plus, **kw)
     if name == "epsilon_gamma_box":
         if pixel_range is None:
             raise ValueError(
@@ -148,6 +148,24 @@ def _composite(
         ]
         return composites.LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
     raise ValueError(f"lrp: unknown composite {name!r}; one of {', '.join(COMPOSITES)}")
+
+
+class _ZPlus(rules.ZPlus):
+    """Zennit's z+ rule, whose second pass (the input's negative part through the negative weights)
+    is skipped where a layer's input has no negative value: there it adds exactly zero, and after a
+    ReLU (most convolutions of a CNN) it is half of the rule's work.
+    """
+
+    def backward(self, module: nn.Module, grad_input: Any, grad_output: Any) -> Any:  # noqa: D102
+        x = self.stored_tensors["input"][0]
+        if bool((x < 0).any()):
+            return super().backward(module, grad_input, grad_output)
+        x = x.detach().requires_grad_(True)  # an alias: nothing writes to it
+        with ParamMod.ensure(self.param_modifiers[0])(module) as positive, torch.enable_grad():
+            out = positive.forward(x)
+        (g,) = torch.autograd.grad(out, x, grad_outputs=self.gradient_mapper(grad_output[0], [out])[0])
+        r = x.detach() * g
+        return tuple(r if original.shape == r.shape else None for original in grad_input)
 
 
 class _BranchSum(torch.autograd.Function):

@@ -15,8 +15,6 @@ from torch import nn
 import methods
 from methods.lrp import NotHandled, lrp
 
-zennit = pytest.importorskip("zennit")
-
 
 def _rand(*shape: int, seed: int = 0, low: float = -1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -266,3 +264,22 @@ def test_epsilon_gamma_box_needs_the_pixel_range():
 
 def test_is_exported():
     assert methods.lrp is lrp
+
+
+def test_z_plus_skips_its_negative_pass_where_a_layer_has_no_negative_input(vgg11, monkeypatch):
+    """On inputs in [0, 1] no convolution of VGG-11 sees a negative value, so z+ runs each one once
+    with positive weights inside the backward, not twice as zennit's rule does; the relevance is
+    zennit's to the last bit.
+    """
+    from zennit.composites import EpsilonPlus
+
+    x, t = _rand(1, 3, 32, 32, seed=7, low=0.0), torch.tensor([2])
+    expected = _zennit(vgg11, EpsilonPlus(), x, t)
+    lrp(vgg11, x, t, composite="epsilon_plus")  # the model's check, once
+    calls = []
+    conv2d = nn.functional.conv2d
+    monkeypatch.setattr(nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    got = lrp(vgg11, x, t, composite="epsilon_plus")
+    convs = sum(isinstance(m, nn.Conv2d) for m in vgg11.modules())
+    assert len(calls) == 2 * convs  # the model's forward, and one z+ pass of each
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
