@@ -76,6 +76,20 @@ def traits_of(fn: Any) -> MethodTraits:
     return found
 
 
+def with_extras(maps: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
+    """`maps` carrying what else the method found per image (each `[B, ...]`: a surrogate's region map
+    and the fit of its regression), which the job records with the attribution: as `method_<name>`
+    in the job's `attributions.npz`, and the mean of each per-image value (`[B]`) in the row.
+    """
+    maps.extras = extras  # type: ignore[attr-defined]
+    return maps
+
+
+def extras_of(maps: Any) -> dict[str, torch.Tensor]:
+    """The extras a method attached to its maps (`with_extras`), or none."""
+    return dict(getattr(maps, "extras", None) or {})
+
+
 def chunked(
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,

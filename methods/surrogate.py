@@ -26,7 +26,7 @@ from annotated_types import Ge, Gt
 from torch import nn
 from torch.nn import functional as F
 
-from methods.common import Count, like_inputs, method
+from methods.common import Count, like_inputs, method, with_extras
 from methods.perturbation import Score, _scorer
 
 Segments = Literal["slic", "quickshift", "grid"]
@@ -103,6 +103,20 @@ def linear_fit(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, ridge: fl
     return torch.linalg.lstsq(a, b[:, None], driver="gelsd").solution[:, 0]
 
 
+def fit_r2(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, coef: torch.Tensor) -> float:
+    """How well the surrogate fits its samples: the weighted R^2 of the linear model with coefficients
+    `coef` and the intercept that `linear_fit` implies (scikit-learn's `score` with `sample_weight`).
+    """
+    z, y, w, coef = z.double().cpu(), y.double().cpu(), weight.double().cpu(), coef.double().cpu()
+    total = w.sum()
+    intercept = (w * y).sum() / total - ((w[:, None] * z).sum(0) / total) @ coef
+    residual = (w * (y - intercept - z @ coef) ** 2).sum()
+    spread = (w * (y - (w * y).sum() / total) ** 2).sum()
+    if spread == 0:  # constant scores: a perfect fit or none, as scikit-learn says
+        return 1.0 if residual == 0 else 0.0
+    return float(1 - residual / spread)
+
+
 def _surrogate(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -115,9 +129,11 @@ def _surrogate(
     chunk_size: int,
 ) -> torch.Tensor:
     """Per image: draw the samples, score them `chunk_size` at a time, weigh them (`weigh(x, kept
-    images, z)`), fit, and paint each region with its coefficient. `[B, 1, H, W]`.
+    images, z)`), fit, and paint each region with its coefficient. `[B, 1, H, W]`, carrying the
+    region map (`regions`, `[B, H, W]`) and each fit's weighted R^2 (`fit_r2`, `[B]`) as extras.
     """
     out = torch.empty(inputs.shape[0], 1, *inputs.shape[2:], device=inputs.device, dtype=torch.float32)
+    fits = torch.empty(inputs.shape[0], dtype=torch.float64)
     for i, (x, t, regions_) in enumerate(zip(inputs, target.tolist(), features, strict=True)):
         count = int(regions_.max()) + 1
         z = draw(samples, count)
@@ -129,9 +145,11 @@ def _surrogate(
             with torch.no_grad():
                 scores.append(model(batch)[:, t].float())
             weights.append(weigh(x, batch, z[start : start + chunk_size]))
-        coef = linear_fit(z, torch.cat(scores), torch.cat(weights), ridge)
+        y, w = torch.cat(scores), torch.cat(weights)
+        coef = linear_fit(z, y, w, ridge)
+        fits[i] = fit_r2(z, y, w, coef)
         out[i, 0] = coef.to(device=inputs.device, dtype=torch.float32)[regions_]
-    return out
+    return with_extras(out, regions=features.to(torch.int32), fit_r2=fits.float())
 
 
 @method(forward_only=True, stochastic=True)

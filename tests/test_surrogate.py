@@ -15,6 +15,7 @@ from sklearn.linear_model import LinearRegression, Ridge
 
 import methods
 from methods import surrogate
+from methods.common import extras_of
 from tests.conftest import Linear
 
 
@@ -116,6 +117,10 @@ def test_kernel_shap_of_a_linear_model_is_each_regions_share_and_sums_to_the_log
             torch.testing.assert_close(value[0], contribution[inside].sum(), rtol=1e-4, atol=1e-4)
         per_region = torch.stack([maps[i, 0][cells[i] == r][0] for r in range(16)])
         torch.testing.assert_close(per_region.sum(), gap[i, t[i]], rtol=1e-4, atol=1e-4)
+    # The region map and the fit go with the maps: the cells, and an exact fit.
+    extras = extras_of(maps)
+    assert torch.equal(extras["regions"], cells.to(torch.int32))
+    torch.testing.assert_close(extras["fit_r2"], torch.ones(2), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("ridge", [0.0, 1.0, 3.5])
@@ -129,6 +134,33 @@ def test_the_weighted_fit_is_scikit_learns(ridge):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("ridge", [0.0, 1.0])
+def test_the_fit_is_scikit_learns_weighted_r2(ridge):
+    g = np.random.default_rng(1)
+    z = (g.random((50, 7)) < 0.5).astype(np.float64)
+    y, w = z @ g.normal(size=7) + 0.3 * g.normal(size=50), g.random(50) + 0.1
+    zt, yt, wt = (torch.from_numpy(a) for a in (z, y, w))
+    ours = surrogate.fit_r2(zt, yt, wt, surrogate.linear_fit(zt, yt, wt, ridge))
+    fit = (Ridge(alpha=ridge) if ridge else LinearRegression()).fit(z, y, sample_weight=w)
+    assert 0 < ours < 1
+    assert ours == pytest.approx(fit.score(z, y, sample_weight=w), abs=1e-9)
+
+
+def test_lime_gives_each_image_its_region_map_and_fit(blocks):
+    model = Linear((3, 32, 32), classes=3)
+    torch.manual_seed(0)
+    maps = methods.lime(
+        model, blocks, torch.tensor([0, 1, 2, 0, 1]), n_samples=40, segments="slic", n_segments=12
+    )
+    extras = extras_of(maps)
+    assert torch.equal(extras["regions"], surrogate.regions(blocks, "slic", 12, 10.0, 8).to(torch.int32))
+    assert extras["fit_r2"].shape == (5,) and bool(((extras["fit_r2"] > 0) & (extras["fit_r2"] <= 1)).all())
+    for i in range(5):  # the map is constant on each region
+        for r in extras["regions"][i].unique():
+            values = maps[i, 0][extras["regions"][i] == r]
+            assert torch.equal(values, values[:1].expand_as(values))
+
+
 def test_regions_are_numbered_from_zero_on_the_inputs_device(blocks):
     images = blocks
     grid = surrogate.regions(images, "grid", 0, 1.0, 4)
@@ -139,3 +171,22 @@ def test_regions_are_numbered_from_zero_on_the_inputs_device(blocks):
         assert labels.shape == (5, 32, 32) and labels.device == images.device
         for image in labels:
             assert torch.equal(image.unique(), torch.arange(int(image.max()) + 1))
+
+
+def test_a_lime_job_records_the_region_maps_and_fits_with_the_attributions(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from harness.job import run_job
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "config",
+            ["model=small_cnn", "device=cpu", "data.num_images=2", "metric=[deletion]", "method=lime",
+             "method.n_samples=20", "method.segments=grid", "method.grid=4", "timing.max_repeats=1"],
+        )  # fmt: skip
+    row = run_job(cfg, tmp_path)
+    saved = np.load(tmp_path / "attributions.npz")
+    regions, fits = saved["method_regions"], saved["method_fit_r2"]
+    assert regions.shape == (2, *saved["maps"].shape[2:]) and regions.max() == 15
+    assert fits.shape == (2,) and row["method_fit_r2"] == pytest.approx(float(fits.mean()))

@@ -1,7 +1,10 @@
 """The row schema of a job, in one place: what `run.json` (and so `summary.csv`) holds, and the job's
 tables (`curves.csv`, `scores.csv`) and arrays (`attributions.npz`).
 
-A row has the job's description (`job_fields`), the method's call (`method_*`, `harness.job.measured`),
+A row has the job's description (`job_fields`), the method's call (`method_*`, `harness.job.measured`)
+and the mean of each per-image value the method found besides its maps (`method_fit_r2` of LIME and
+KernelSHAP: `methods.common.with_extras`; the values themselves, and the region maps, are
+`method_<name>` in `attributions.npz`),
 for each metric value `<field>` (`metrics.field_name`: `deletion_auc`, `road_morf_auc`, `sparseness`)
 its mean over images with `<field>_low` and `<field>_high` (95% bootstrap interval) and `<field>_better`
 (`higher` or `lower`, as the metric declares), each metric's call (`<metric>_ms_per_image`, ...) and

@@ -22,7 +22,7 @@ from harness.job.row import breakdown, environment, headline, job_fields, metric
 from harness.job.saved import SavedMaps, saved_maps
 from harness.results import write_files, write_row
 from harness.runtime import Stopwatch, job_device, resolve_device
-from methods.common import seed_all
+from methods.common import extras_of, seed_all
 from metrics import Result, field_name
 
 log = logging.getLogger("harness")
@@ -90,8 +90,9 @@ def _run(
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
     measured: dict[str, Measured] = {}
+    extras: dict[str, torch.Tensor] = {}
     if source is None:
-        maps, method_fields = _attribute(job, x, target, measured)
+        maps, method_fields, extras = _attribute(job, x, target, measured)
     else:
         maps, target, method_fields = source.on(job.data, job.device)
     results = {name: _score(job, name, x, maps, target, measured) for name in job.metrics}
@@ -110,6 +111,7 @@ def _run(
         arrays = arrays | {
             field_name(name, k): v.cpu().numpy() for name, r in results.items() for k, v in r.arrays.items()
         }
+        arrays |= {f"method_{k}": v.cpu().numpy() for k, v in extras.items()}
         files = write_files(out, files_, arrays)
     row |= breakdown(job.clock, row)
     write_row(out, row, files)
@@ -163,8 +165,10 @@ def _ground_truth(job: Job) -> Any:
 
 def _attribute(
     job: Job, x: torch.Tensor, target: torch.Tensor, measured: dict[str, Measured]
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Run the job's method, timed and profiled (into `measured`); the maps and the row's method fields."""
+) -> tuple[torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+    """Run the job's method, timed and profiled (into `measured`); the maps, the row's method fields
+    and what else the method found per image (`methods.common.with_extras`).
+    """
     model = _method_model(job)
     truth = _ground_truth(job) if job.method_traits.ground_truth else None
 
@@ -178,14 +182,16 @@ def _attribute(
     chunk = settings_of(job.method).get("chunk_size")
     with job.options.autocast(job.device):
         measured["method"] = _measure(job, model, attribute, chunk, f"method {job.method_name}")
+    extras = extras_of(measured["method"].out)
     maps = check_attributions(measured["method"].out, x, job.method_name).detach().float()
     fields = {
         "method_compiled": job.options.compile is not None and model is not job.classifier.module,
         **measured["method"].fields("method"),
         **params("method", job.method),
         **({} if job.references is None else {"method.references": ",".join(job.references)}),
+        **{f"method_{k}": float(v.float().mean()) for k, v in extras.items() if v.dim() == 1},
     }
-    return maps, fields
+    return maps, fields, extras
 
 
 def _score(
