@@ -110,7 +110,7 @@ def build(
     with clock("build"):
         clf: Classifier = instantiate(as_declared(cfg.model))
         data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
-        facts = {"layer": clf.cam_layer, "layout": clf.cam_layout, "blocks": clf.blocks}
+        facts: dict[str, Any] = {"layer": clf.cam_layer, "layout": clf.cam_layout, "blocks": clf.blocks}
         facts["pixel_range"] = clf.pixel_range  # the z-box rule's box (LRP)
         method, metrics = filled(method, facts), {m: filled(fn, facts) for m, fn in metrics.items()}
         references = None
