@@ -226,3 +226,21 @@ def test_the_readme_lists_every_group_and_every_option():
     assert sorted(listed) == sorted(set(groups))
     for group, names in listed.items():
         assert sorted(names) == options(group), group
+
+
+def test_a_sweep_over_methods_is_told_to_use_plus_plus_for_a_setting_the_default_method_lacks():
+    """`-m method=lime,kernel_shap method.n_samples=200`: Hydra composes the sweep's main config with
+    the default method (saliency), which has no `n_samples`; `++method.n_samples=200` works.
+    """
+    from harness.config import composition_message
+
+    argv = ["-m", "method=lime,kernel_shap", "method.n_samples=200"]
+    with initialize_config_dir(str(CONF), version_base="1.3"), pytest.raises(Exception) as e:
+        compose("config", ["method.n_samples=200"])
+    said = composition_message(e.value, argv)
+    assert said.startswith("method.n_samples is not a setting")
+    assert said.endswith(
+        "a sweep over method=lime,kernel_shap composes its main config with the default method, so a "
+        "setting that it lacks needs ++method.n_samples=200"
+    )
+    assert "sweep" not in composition_message(e.value, ["method.n_samples=200"])

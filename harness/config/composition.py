@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -29,8 +29,10 @@ def _keys(node: Any) -> list[str]:
     return [str(k) for k in node if not str(k).startswith("_")] if isinstance(node, DictConfig) else []
 
 
-def composition_message(error: BaseException) -> str:
-    """One line for an error Hydra raised while composing the config.
+def composition_message(error: BaseException, argv: Sequence[str] = ()) -> str:
+    """One line for an error Hydra raised while composing the config (`argv`: the command line's
+    overrides, for the hint that a sweep over a group's options needs `++` for a setting that the
+    group's default option lacks).
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -60,7 +62,17 @@ def composition_message(error: BaseException) -> str:
             f"metric.{key} is set but metric {key} is not selected (metric=[{','.join(selected)}]); "
             f"select it with metric=[{','.join([*selected, key])}], or leave out its settings"
         )
-    return str(unknown_setting(key, _keys(parent), f"{where}." if where else ""))
+    message = str(unknown_setting(key, _keys(parent), f"{where}." if where else ""))
+    swept = [a for a in argv if a.startswith(f"{where}=") and "," in a] if where else []
+    if swept:
+        given = next(
+            (a.partition("=")[2] for a in argv if a.partition("=")[0].lstrip("+") == full_key), "<value>"
+        )
+        message += (
+            f"; a sweep over {swept[0]} composes its main config with the default {where}, so a setting "
+            f"that it lacks needs ++{full_key}={given}"
+        )
+    return message
 
 
 @contextmanager
@@ -101,5 +113,5 @@ def hydra_errors_in_one_line(app: Callable[[], Any]) -> Any:
                 raise
             if _from_ctrl_c(e):  # OmegaConf turns a Ctrl-C landing in its code into an error of its own
                 raise KeyboardInterrupt from None
-            print(f"error: {composition_message(e)}", file=sys.stderr)
+            print(f"error: {composition_message(e, sys.argv[1:])}", file=sys.stderr)
             raise SystemExit(2) from None
