@@ -1,11 +1,10 @@
 """LRP (methods.lrp) against the rule itself and against the libraries that define it: Captum's `LRP` on
 a VGG-11 with the same rules, and zennit's own canonizers where the residual sums are modules
-(torchvision's ResNet canonizer; a canonizer written here for EfficientNet-Lite's blocks).
+(torchvision's ResNet canonizer; `harness.versus.methods.zennit_lite_canonizer` for EfficientNet-Lite's
+blocks).
 """
 
 from __future__ import annotations
-
-import types
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torchvision
 from torch import nn
 
 import methods
+from harness.versus.methods import zennit_lite_canonizer, zennit_lrp
 from methods.lrp import NotHandled, lrp
 
 
@@ -115,17 +115,6 @@ def test_equals_captums_lrp_on_vgg11_with_the_same_rules(vgg11, composite):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 
 
-def _zennit(model: nn.Module, composite, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Zennit's own path: its Gradient attributor, the output seeded with the target logit."""
-    from zennit.attribution import Gradient
-
-    with Gradient(model=model, composite=composite) as attributor:
-        logits = model(x).detach()
-        seed = torch.zeros_like(logits).scatter_(1, t[:, None], logits.gather(1, t[:, None]))
-        _, relevance = attributor(x, seed)
-    return relevance
-
-
 def test_equals_zennit_with_its_resnet_canonizer_on_resnet18():
     from zennit.composites import EpsilonPlusFlat
     from zennit.torchvision import ResNetCanonizer
@@ -138,38 +127,9 @@ def test_equals_zennit_with_its_resnet_canonizer_on_resnet18():
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     x, t = _rand(2, 3, 64, 64, seed=2), torch.tensor([1, 8])
-    expected = _zennit(resnet, EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), x, t)
+    expected = zennit_lrp(resnet, EpsilonPlusFlat(canonizers=[ResNetCanonizer()]), x, t)
     got = lrp(resnet, x, t, composite="epsilon_plus_flat")
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
-
-
-def _lite_canonizer():
-    """EfficientNet-Lite's residual sums as zennit `Sum` layers and its global mean as a pooling
-    layer, the way zennit's ResNet canonizer rewrites torchvision's blocks.
-    """
-    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
-    from zennit.layer import Sum
-
-    from harness.models.efficientnet_lite import EfficientNetLite, _LiteBlock
-
-    def block_forward(self, x):
-        y = self.expand(x) if self.expand is not None else x
-        return self.canonizer_sum(torch.stack([self.project(self.depthwise(y)), x], dim=-1))
-
-    def net_forward(self, x):
-        return self.fc(self.canonizer_pool(self.head(self.blocks(self.stem(x)))).flatten(1))
-
-    def attributes(name, module):
-        if isinstance(module, _LiteBlock) and module.skip:
-            return {"forward": types.MethodType(block_forward, module), "canonizer_sum": Sum()}
-        if isinstance(module, EfficientNetLite):
-            return {
-                "forward": types.MethodType(net_forward, module),
-                "canonizer_pool": nn.AdaptiveAvgPool2d(1),
-            }
-        return None
-
-    return CompositeCanonizer([SequentialMergeBatchNorm(), AttributeCanonizer(attributes)])
 
 
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_alpha2_beta1", "epsilon_gamma_box"])
@@ -189,7 +149,7 @@ def test_equals_zennit_with_sum_layers_on_efficientnet_lite0(composite):
             low=(0 - mean) / std, high=(1 - mean) / std, canonizers=c
         ),
     }
-    expected = _zennit(model, kinds[composite]([_lite_canonizer()]), x, t)
+    expected = zennit_lrp(model, kinds[composite]([zennit_lite_canonizer()]), x, t)
     got = lrp(model, x, t, composite=composite, pixel_range=pixel_range)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * float(expected.abs().max()))
 
@@ -274,7 +234,7 @@ def test_z_plus_skips_its_negative_pass_where_a_layer_has_no_negative_input(vgg1
     from zennit.composites import EpsilonPlus
 
     x, t = _rand(1, 3, 32, 32, seed=7, low=0.0), torch.tensor([2])
-    expected = _zennit(vgg11, EpsilonPlus(), x, t)
+    expected = zennit_lrp(vgg11, EpsilonPlus(), x, t)
     lrp(vgg11, x, t, composite="epsilon_plus")  # the model's check, once
     calls = []
     conv2d = nn.functional.conv2d

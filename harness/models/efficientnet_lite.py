@@ -38,7 +38,7 @@ class ReLU6(nn.ReLU):
 SUPPORTED_NON_LINEAR[ReLU6] = nonlinear
 
 
-class _LiteBlock(nn.Module):
+class LiteBlock(nn.Module):
     """Inverted residual block of EfficientNet-Lite (no squeeze-excitation, ReLU6)."""
 
     def __init__(self, block: Any) -> None:
@@ -67,7 +67,7 @@ class EfficientNetLite(nn.Module):
     def __init__(self, net: Any) -> None:
         super().__init__()
         self.stem = nn.Sequential(net._conv_stem, net._bn0, ReLU6())
-        self.blocks = nn.Sequential(*(_LiteBlock(b) for b in net._blocks))
+        self.blocks = nn.Sequential(*(LiteBlock(b) for b in net._blocks))
         self.head = nn.Sequential(net._conv_head, net._bn1, ReLU6())
         self.fc = net._fc
 

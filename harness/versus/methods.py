@@ -1,5 +1,5 @@
-"""LIME, KernelSHAP, Guided IG and Blur IG against the libraries that define them, side by side on one
-machine.
+"""LIME, KernelSHAP, Guided IG, Blur IG and LRP against the libraries that define them, side by side on
+one machine.
 
 `python -m harness.versus.methods --out results/published/<machine>` times, on EfficientNet-Lite0 at
 224x224 and the sample photos:
@@ -10,6 +10,9 @@ machine.
 - Guided IG and Blur IG against PAIR's `saliency` 0.2.1 (its NumPy core, one image at a time, a
   `call_model_function` that runs the model as a user would: one forward+backward per call, batch 1
   for Guided IG, PAIR's default `batch_size=1` for Blur IG), with PAIR's default steps (200, 100).
+- LRP (EpsilonPlusFlat) against zennit's own: its `Gradient` attributor with the same composite, and
+  EfficientNet-Lite's residual sums and global mean made zennit `Sum` and pooling layers by a
+  canonizer (`zennit_lite_canonizer`), the way zennit's ResNet canonizer rewrites torchvision's blocks.
 
 Ours run with the harness's defaults (channels_last, BatchNorm folded) at its calibrated chunk sizes.
 The calls alternate, ours first, after one warm-up call each; every figure is the best of `--repeats`
@@ -117,6 +120,59 @@ def paths(s: Setup, device: torch.device, repeats: int, images: int) -> list[dic
     ]
 
 
+def zennit_lite_canonizer() -> Any:
+    """Zennit's canonizers for the harness's EfficientNet-Lite: BatchNorm merged, each residual block's
+    sum a zennit `Sum` layer and the global mean an average pooling layer (zennit's route for a model's
+    own additions; `methods.lrp` handles them per call instead).
+    """
+    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+    from zennit.layer import Sum
+
+    from harness.models.efficientnet_lite import EfficientNetLite, LiteBlock
+
+    # The modules the canonizer adds are read by name (`canonizer_sum`, `canonizer_pool`).
+    def block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(x) if self.expand is not None else x
+        return self.canonizer_sum(torch.stack([self.project(self.depthwise(y)), x], dim=-1))
+
+    def net_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.canonizer_pool(self.head(self.blocks(self.stem(x)))).flatten(1))
+
+    def attributes(_name: str, module: torch.nn.Module) -> dict[str, Any] | None:
+        if isinstance(module, LiteBlock) and module.skip:
+            return {"forward": types.MethodType(block_forward, module), "canonizer_sum": Sum()}
+        if isinstance(module, EfficientNetLite):
+            pool = torch.nn.AdaptiveAvgPool2d(1)
+            return {"forward": types.MethodType(net_forward, module), "canonizer_pool": pool}
+        return None
+
+    return CompositeCanonizer([SequentialMergeBatchNorm(), AttributeCanonizer(attributes)])
+
+
+def zennit_lrp(model: torch.nn.Module, composite: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Zennit's own LRP: its `Gradient` attributor, the output seeded with the target logit."""
+    from zennit.attribution import Gradient
+
+    with Gradient(model=model, composite=composite) as attributor:
+        logits = attributor.model(x).detach()
+        seed = torch.zeros_like(logits).scatter_(1, t[:, None], logits.gather(1, t[:, None]))
+        _, relevance = attributor(x, seed)
+    return relevance
+
+
+def lrp(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[str, Any]]:
+    """LRP's EpsilonPlusFlat, ours and zennit's own, on `images` photos at once."""
+    from zennit.composites import EpsilonPlusFlat
+
+    x, t = s.x[:images], s.t[:images]
+    calls = {
+        "ours": lambda: methods.lrp(s.model, x, t, chunk_size=s.grad_bs),
+        "zennit": lambda: zennit_lrp(s.model, EpsilonPlusFlat(canonizers=[zennit_lite_canonizer()]), x, t),
+    }
+    log.info("lrp on %d photo(s)", images)
+    return [_row("lrp (epsilon_plus_flat)", images, best_of(calls, device, repeats))]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparisons and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,13 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device(args.device)
     s = _setup(SETTING, device)
-    rows = surrogates(s, device, args.repeats, args.images, args.samples) + paths(
-        s, device, args.repeats, args.images
+    rows = (
+        surrogates(s, device, args.repeats, args.images, args.samples)
+        + paths(s, device, args.repeats, args.images)
+        + lrp(s, device, args.repeats, len(s.x))
     )
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     title = (
-        "# LIME, KernelSHAP, Guided IG and Blur IG against their libraries "
+        "# LIME, KernelSHAP, Guided IG, Blur IG and LRP against their libraries "
         f"({machine_id()}, {args.device}, {SETTING})"
     )
     write(args.out, "versus_methods", title, table, args.repeats, s)
