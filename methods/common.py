@@ -37,6 +37,9 @@ class MethodTraits:
         references: draws baselines from images of the data held out of the explained ones
             (`references=` `[R, C, H, W]`, `n_references` of them, bound by the job:
             `harness.data.references`), as Expected Gradients does.
+        check_model: `(model, probe) -> None`, raising `ValueError` that names what in the model the
+            method cannot handle (LRP: a product of two input-dependent tensors); the job runs it on
+            one image before any timed or calibrating work.
     """
 
     forward_only: bool = False
@@ -45,6 +48,7 @@ class MethodTraits:
     ground_truth: bool = False
     softmax: bool = False
     references: bool = False
+    check_model: Callable[[Any, torch.Tensor], None] | None = None
 
 
 def method(
@@ -55,11 +59,14 @@ def method(
     ground_truth: bool = False,
     softmax: bool = False,
     references: bool = False,
+    check_model: Callable[[Any, torch.Tensor], None] | None = None,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
-        traits = MethodTraits(forward_only, eager_only, stochastic, ground_truth, softmax, references)
+        traits = MethodTraits(
+            forward_only, eager_only, stochastic, ground_truth, softmax, references, check_model
+        )
         fn.traits = traits  # type: ignore[attr-defined]
         return fn
 

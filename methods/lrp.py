@@ -84,43 +84,6 @@ class NotHandled(ValueError):
     """The model computes something LRP has no rule for here (named in the message)."""
 
 
-@method(eager_only=True)
-def lrp(
-    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *,
-    composite: Composite = "epsilon_plus_flat", epsilon: Annotated[float, Gt(0)] = 1e-6,
-    gamma: Annotated[float, Ge(0)] = 0.25,
-    pixel_range: tuple[tuple[float, ...], tuple[float, ...]] | None = None, chunk_size: Count = 16,
-) -> torch.Tensor:  # fmt: skip
-    """LRP of the target logit with a zennit composite (`COMPOSITES`): the relevance of each input
-    value, `[B, C, H, W]`, summing to the logit where the rules conserve it (epsilon, z+, flat and
-    z-box do up to their stabilisers; biases and gamma's and alpha-beta's sign handling absorb some).
-
-    Args:
-        model: the classifier, `[B, C, H, W] -> [B, K]`.
-        inputs: `[B, C, H, W]` images.
-        target: `[B]` classes.
-        composite: the rules, by layer type.
-        epsilon: the epsilon rule's stabiliser.
-        gamma: the gamma rule's weight on positive contributions.
-        pixel_range: `(lowest, highest)` value of each input channel, for the z-box rule of
-            `epsilon_gamma_box` (the job binds the model's normalised `[0, 1]`).
-        chunk_size: images per forward and backward.
-    """
-    rules = _composite(composite, epsilon, gamma, pixel_range, inputs)
-    _check_handled(model, inputs[:1])
-
-    def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), rules.context(model) as hooked:  # the rules act in the backward
-            with _Branches(x):
-                logits = hooked(x)
-            seed = torch.zeros_like(logits).scatter_(1, t[:, None], logits.detach().gather(1, t[:, None]))
-            (r,) = torch.autograd.grad(logits, x, grad_outputs=seed)
-        return r
-
-    return chunked(relevance, inputs, target, chunk_size)
-
-
 def _composite(name: str, epsilon: float, gamma: float, pixel_range: Any, inputs: torch.Tensor) -> Rules:
     canonizers = [SequentialMergeBatchNorm()]
     kw = {"epsilon": epsilon, "stabilizer": STABILIZER, "canonizers": canonizers}
@@ -327,3 +290,40 @@ def _why_not(model: nn.Module, probe: torch.Tensor) -> str | None:
         for h in hooks:
             h.remove()
     return None
+
+
+@method(eager_only=True, check_model=_check_handled)
+def lrp(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *,
+    composite: Composite = "epsilon_plus_flat", epsilon: Annotated[float, Gt(0)] = 1e-6,
+    gamma: Annotated[float, Ge(0)] = 0.25,
+    pixel_range: tuple[tuple[float, ...], tuple[float, ...]] | None = None, chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """LRP of the target logit with a zennit composite (`COMPOSITES`): the relevance of each input
+    value, `[B, C, H, W]`, summing to the logit where the rules conserve it (epsilon, z+, flat and
+    z-box do up to their stabilisers; biases and gamma's and alpha-beta's sign handling absorb some).
+
+    Args:
+        model: the classifier, `[B, C, H, W] -> [B, K]`.
+        inputs: `[B, C, H, W]` images.
+        target: `[B]` classes.
+        composite: the rules, by layer type.
+        epsilon: the epsilon rule's stabiliser.
+        gamma: the gamma rule's weight on positive contributions.
+        pixel_range: `(lowest, highest)` value of each input channel, for the z-box rule of
+            `epsilon_gamma_box` (the job binds the model's normalised `[0, 1]`).
+        chunk_size: images per forward and backward.
+    """
+    rules = _composite(composite, epsilon, gamma, pixel_range, inputs)
+    _check_handled(model, inputs[:1])
+
+    def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad(), rules.context(model) as hooked:  # the rules act in the backward
+            with _Branches(x):
+                logits = hooked(x)
+            seed = torch.zeros_like(logits).scatter_(1, t[:, None], logits.detach().gather(1, t[:, None]))
+            (r,) = torch.autograd.grad(logits, x, grad_outputs=seed)
+        return r
+
+    return chunked(relevance, inputs, target, chunk_size)

@@ -138,6 +138,7 @@ CASES = [
     ("value/metric-empty", ["model=small_cnn", "device=cpu", "metric=[]"], "no metric selected (metric is empty); use e.g. metric=[deletion,insertion]"),
     ("value/typo-key-added", [*SMALL[:3], "method=rise", "+method.n_mask=10"], "method.n_mask is not a setting of rise; did you mean method.n_masks?"),
     ("value/model-typo-key", [*SMALL, "+model.widht=8"], "model.widht is not a setting of small_cnn; did you mean model.width?"),
+    ("model/lrp-squeeze-excitation", ["model=mobilenet_v3_large", "model.input_size=32", *SMALL[1:3], "method=lrp", "metric=[deletion]"], "method lrp on model mobilenet_v3_large: lrp cannot propagate relevance through MobileNetV3: it computes a product of two tensors that depend on the input (Tensor.mul in module 'features.4.block.2')"),
     ("value/model-width-text", [*SMALL, "model.width=wide"], "model.width='wide'; expected an integer"),
     ("value/metric-steps-text", [*SMALL, "metric.deletion.steps=many"], "metric.deletion.steps='many'; expected an integer"),
     ("value/smoothgrad-noise-text", [*SMALL[:3], "method=smoothgrad", "method.noise_level=loud"], "method.noise_level='loud'; expected a number"),

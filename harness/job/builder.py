@@ -124,6 +124,11 @@ def build(
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
         probe = data.images[:2].to(device)
         check_deterministic(clf.module.to(device), clf.name, probe)
+        if traits.check_model is not None:  # what the method cannot handle, before any timed work
+            try:
+                traits.check_model(clf.module, probe[:1])
+            except ValueError as e:
+                raise HarnessError(f"method {name} on model {clf.name}: {e}") from None
         folded = options.prepare(clf.module, probe, keep={clf.cam_layer})
         model = options.compiled(clf.module)
     speed = ModelSpeed(model, data.images, device, options.memory_format)
