@@ -10,7 +10,8 @@ here, at the level of the functions it calls (`_Branches`):
   the model's forward) splits the relevance in proportion to each branch's value, zennit's `Norm`
   rule for its `Sum` layer, which its ResNet canonizer puts where torchvision's blocks add (equal to
   it: tests/test_lrp.py); so any CNN with residual additions is handled, not only ResNets;
-- averages (a global pool written `x.mean((2, 3))`) pass the relevance back as their gradient;
+- a mean over some dimensions (a global pool written `x.mean((2, 3))`) gives each value its share,
+  zennit's `Norm` rule for average pooling (its gradient would hand relevance to values of zero);
 - BatchNorm after a convolution in an `nn.Sequential` is merged into it (zennit's canonizer; the
   harness also folds it before a job).
 
@@ -29,8 +30,6 @@ import torch
 from annotated_types import Ge, Gt
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 from zennit import composites, rules
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.core import Composite as Rules
@@ -38,6 +37,7 @@ from zennit.core import ParamMod
 from zennit.types import Convolution, Linear
 
 from methods.common import Count, chunked, method
+from methods.follow import Following, call_name
 
 Composite = Literal[
     "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1", "epsilon_plus", "epsilon"
@@ -52,20 +52,21 @@ COMPOSITES = {
 }
 STABILIZER = 1e-6  # zennit's, for every rule but epsilon's own
 
-T = torch.Tensor
+_T = torch.Tensor
 _ADDITIONS = frozenset({
-    torch.add, torch.sub, T.add, T.sub, T.__add__, T.__radd__, T.__iadd__, T.add_, T.__sub__, T.__rsub__,
-    T.__isub__, T.sub_,
+    torch.add, torch.sub, _T.add, _T.sub, _T.__add__, _T.__radd__, _T.__iadd__, _T.add_, _T.__sub__,
+    _T.__rsub__, _T.__isub__, _T.sub_,
 })  # fmt: skip
 _PRODUCTS = frozenset({
-    torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, T.mul_, torch.matmul, T.matmul, T.__matmul__,
-    torch.bmm, T.bmm, torch.einsum, torch.div, T.div, T.__truediv__, F.linear, F.conv1d, F.conv2d, F.conv3d,
+    torch.mul, _T.mul, _T.__mul__, _T.__rmul__, _T.__imul__, _T.mul_, torch.matmul, _T.matmul,
+    _T.__matmul__, torch.bmm, _T.bmm, torch.einsum, torch.div, _T.div, _T.__truediv__, F.linear, F.conv1d,
+    F.conv2d, F.conv3d,
 })  # fmt: skip
 _NORMALISING = frozenset({
-    F.softmax, torch.softmax, T.softmax, F.log_softmax, F.layer_norm, F.group_norm,
+    F.softmax, torch.softmax, _T.softmax, F.log_softmax, F.layer_norm, F.group_norm,
     F.multi_head_attention_forward, F.scaled_dot_product_attention,
 })  # fmt: skip
-_MEANS = frozenset({torch.mean, T.mean})
+_MEANS = frozenset({torch.mean, _T.mean})
 
 
 def _mean_dims(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple[int, ...], bool] | None:
@@ -193,53 +194,42 @@ def _reduced(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return r.sum(dims, keepdim=True).reshape(like.shape)
 
 
-class _Branches(TorchFunctionMode):
+class _Branches(Following):
     """Follows what depends on the input through the forward; sends the sum of two such tensors
-    through `_BranchSum` (unless `rewrite=False`: only checks), and raises `NotHandled` at a product of
-    two, or a normalisation of one, naming it and `where()` it happened.
+    through `_BranchSum` and a mean of one through `_NormMean` (unless `rewrite=False`: only checks),
+    and raises `NotHandled` at a product of two, or a normalisation of one, naming it and `where()`
+    it happened.
     """
 
     def __init__(
         self, start: torch.Tensor, rewrite: bool = True, where: Callable[[], str] = lambda: ""
     ) -> None:
-        super().__init__()
+        super().__init__(start)
         self.rewrite, self.where = rewrite, where
-        self.derived: dict[int, weakref.ref[torch.Tensor]] = {id(start): weakref.ref(start)}
-
-    def _depends(self, t: Any) -> bool:
-        seen = self.derived.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return seen is not None and seen() is t
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        n = sum(self._depends(t) for t in tree_flatten((args, kwargs))[0])
+        n = self.dependent(args, kwargs)
         if n == 0:
             return func(*args, **kwargs)
         if n > 1 and func in _PRODUCTS:
             raise NotHandled(
-                f"a product of two tensors that depend on the input ({_name(func)}{self.where()})"
+                f"a product of two tensors that depend on the input ({call_name(func)}{self.where()})"
             )
         if func in _NORMALISING:
-            raise NotHandled(f"{_name(func)}{self.where()}")
-        if self.rewrite and func in _MEANS and _mean_dims(args, kwargs) is not None:
-            x, dims, keepdim = _mean_dims(args, kwargs)  # type: ignore[misc]
-            out = _NormMean.apply(x, dims, keepdim)
+            raise NotHandled(f"{call_name(func)}{self.where()}")
+        mean = _mean_dims(args, kwargs) if self.rewrite and func in _MEANS else None
+        if mean is not None:
+            out = _NormMean.apply(*mean)
         elif self.rewrite and n > 1 and func in _ADDITIONS and len(args) == 2 and not kwargs:
             # In place (`out += x`) too: the sum is a new tensor, which the model's `out = out + x` names.
-            a, b = (args[1], args[0]) if "rsub" in _name(func) else args
-            out = _BranchSum.apply(a, b, -1.0 if "sub" in _name(func) else 1.0)
+            name = call_name(func)
+            a, b = (args[1], args[0]) if "rsub" in name else args
+            out = _BranchSum.apply(a, b, -1.0 if "sub" in name else 1.0)
         else:
             out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.derived[id(t)] = weakref.ref(t)
+        self.follow(out)
         return out
-
-
-def _name(func: Any) -> str:
-    """`Tensor.mul`, `softmax`, `layer_norm`: a call as the model's code reads."""
-    name = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or func)
-    return "Tensor." + name.rpartition(".")[2] if "TensorBase." in name else name
 
 
 _WITH_RULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)

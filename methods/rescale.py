@@ -20,7 +20,6 @@ products or quotients with at most one factor that depends on the input. Anythin
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from methods.common import like_inputs
+from methods.follow import Following, call_name, method_name
 
 EPS = 1e-10  # Captum's: below it, a difference in a nonlinearity's input counts as none
 
@@ -70,24 +68,6 @@ _BILINEAR_FUNCTIONS = {
 _QUOTIENTS = {"div", "div_", "__truediv__", "__itruediv__", torch.div, torch.true_divide}
 
 
-def _name(func: Any) -> str:
-    method = _method_name(func)
-    return f"Tensor.{method}" if method else getattr(func, "__name__", repr(func))
-
-
-def _method_name(func: Any) -> str | None:
-    """The name of a Tensor method (`add`, `__len__`; `__get__` for attribute reads), or None."""
-    name = getattr(func, "__name__", None)
-    owner = getattr(func, "__objclass__", None)
-    if name is None:
-        return None
-    if getattr(torch.Tensor, name, None) is func or (
-        isinstance(owner, type) and issubclass(owner, torch._C.TensorBase)
-    ):
-        return name
-    return name if type(func).__name__ == "method-wrapper" else None
-
-
 @dataclass
 class _Call:
     """A nonlinearity's call in the baselines' forward: what went in and came out, and the
@@ -111,7 +91,7 @@ class _Call:
         )  # fmt: skip
 
 
-class _Pairing(TorchFunctionMode):
+class _Pairing(Following):
     """Records the nonlinearities' calls (`calls=None`: the baselines' forward) or gives each call
     the derivative DeepLIFT assigns it (`calls` from that forward, taken for the image-baseline
     pairs being forwarded: one baseline per pair, or one for all). Raises `NotCovered` at a call
@@ -119,24 +99,14 @@ class _Pairing(TorchFunctionMode):
     """
 
     def __init__(self, start: torch.Tensor, calls: list[_Call] | None = None) -> None:
-        super().__init__()
+        super().__init__(start)
         self.recording = calls is None
         self.calls: list[_Call] = [] if calls is None else calls
         self.next = 0
-        self.derived: dict[int, weakref.ref[torch.Tensor]] = {}  # what depends on `start`, by identity
-        self._derive(start)
-
-    def _derive(self, t: torch.Tensor) -> None:
-        self.derived[id(t)] = weakref.ref(t)
-
-    def _depends(self, t: torch.Tensor) -> bool:
-        seen = self.derived.get(id(t))
-        return seen is not None and seen() is t
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        n_derived = sum(self._depends(t) for t in tensors)
+        n_derived = self.dependent(args, kwargs)
         if n_derived == 0:
             return func(*args, **kwargs)  # the model's own constants: nothing to rescale
         if func in _ELEMENTWISE:
@@ -146,31 +116,29 @@ class _Pairing(TorchFunctionMode):
         else:
             self._check_linear(func, args, kwargs, n_derived)
             out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._derive(t)
+        self.follow(out)
         return out
 
     def _check_linear(self, func: Any, args: tuple, kwargs: dict, n_derived: int) -> None:
-        name = _method_name(func)
+        name = method_name(func)
         if name in _ADDITIVE_METHODS or (name is None and func in _ADDITIVE_FUNCTIONS):
             if func in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d) and _bound(func, args, kwargs).get(
                 "training", True
             ):
-                raise NotCovered(f"{_name(func)} in training mode")
+                raise NotCovered(f"{call_name(func)} in training mode")
             return
         if name in _BILINEAR_METHODS or (name is None and func in _BILINEAR_FUNCTIONS):
             if n_derived > 1:
-                raise NotCovered(f"{_name(func)} of two tensors that depend on the input")
+                raise NotCovered(f"{call_name(func)} of two tensors that depend on the input")
             if func is F.batch_norm and _bound(func, args, kwargs).get("training", False):
                 raise NotCovered("batch_norm in training mode")
             return
         if name in _QUOTIENTS or (name is None and func in _QUOTIENTS):
             divisor = args[1] if len(args) > 1 else kwargs.get("other")
-            if isinstance(divisor, torch.Tensor) and self._depends(divisor):
-                raise NotCovered(f"{_name(func)} by a tensor that depends on the input")
+            if isinstance(divisor, torch.Tensor) and self.depends(divisor):
+                raise NotCovered(f"{call_name(func)} by a tensor that depends on the input")
             return
-        raise NotCovered(_name(func))
+        raise NotCovered(call_name(func))
 
     def _paired(self, func: Any, z: torch.Tensor) -> _Call:
         if self.next >= len(self.calls) or self.calls[self.next].func is not func:
