@@ -4,7 +4,9 @@ forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, TypeVar
@@ -95,6 +97,32 @@ def with_extras(maps: torch.Tensor, **extras: torch.Tensor) -> torch.Tensor:
 def extras_of(maps: Any) -> dict[str, torch.Tensor]:
     """The extras a method attached to its maps (`with_extras`), or none."""
     return dict(getattr(maps, "extras", None) or {})
+
+
+_NOTED: ContextVar[list[float] | None] = ContextVar("noted_passes", default=None)
+
+
+def note_passes(forwards: float = 0.0, backwards: float = 0.0) -> None:
+    """Count work a method runs outside the model's forward that is the model's own work again, in
+    images' worth of the model's forward and of its forward+backward: LRP's rule passes, its layers
+    run again with other weights. The job adds it to the bound of the method's timing
+    (`harness.runtime.count_forwards`), as it adds the images the model's forward sees.
+    """
+    noted = _NOTED.get()
+    if noted is not None:
+        noted[0] += forwards
+        noted[1] += backwards
+
+
+@contextmanager
+def noting_passes() -> Iterator[list[float]]:
+    """Collect `note_passes` inside the block: `[forwards, backwards]`."""
+    noted = [0.0, 0.0]
+    token = _NOTED.set(noted)
+    try:
+        yield noted
+    finally:
+        _NOTED.reset(token)
 
 
 def chunked(

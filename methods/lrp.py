@@ -1,19 +1,31 @@
 """Layer-wise relevance propagation (Bach et al. 2015, doi:10.1371/journal.pone.0130140; the rules
-as Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10, name them) through zennit, the library
-made for it (Anders et al. 2021, arXiv:2106.13200).
+as Montavon et al. 2019, doi:10.1007/978-3-030-28954-6_10, name them), with the composites of zennit,
+the library made for it (Anders et al. 2021, arXiv:2106.13200), which is its test's oracle.
 
-The relevance of the target logit, `R = f_t(x)`, flows back layer by layer, each layer type by the
-rule of a zennit composite (`COMPOSITES`); what the model computes outside its modules is handled
-here, at the level of the functions it calls (`_Branches`):
+The relevance of the target logit, `R = f_t(x)`, flows back layer by layer, each layer by the rule
+its composite gives its type (`COMPOSITES`). The rules act on the functions the model calls, in one
+torch function mode (`_Branches`) around one forward, and in its backward:
 
-- the sum of two branches that both depend on the input (a residual connection, written `y + x` in
-  the model's forward) splits the relevance in proportion to each branch's value, zennit's `Norm`
-  rule for its `Sum` layer, which its ResNet canonizer puts where torchvision's blocks add (equal to
-  it: tests/test_lrp.py); so any CNN with residual additions is handled, not only ResNets;
-- a mean over some dimensions (a global pool written `x.mean((2, 3))`) gives each value its share,
-  zennit's `Norm` rule for average pooling (its gradient would hand relevance to values of zero);
-- BatchNorm after a convolution in an `nn.Sequential` is merged into it (zennit's canonizer; the
-  harness also folds it before a job).
+- a convolution or linear layer gets its rule (`_Rule`: epsilon, z+, flat, gamma, z-box,
+  alpha-beta; zennit's `BasicHook` passes written out), with the BatchNorm that follows it merged
+  in (zennit's `SequentialMergeBatchNorm`: by the order the modules were assigned, checked against
+  the model's logits once per model); its other weights are made once per call (`_Layer.part`),
+  a pass of an input's negative part runs only where the input has a negative value, and the
+  rule's transposed passes run the convolution's input gradient directly, without a forward;
+- an activation passes the relevance through (zennit's `Pass`), as does a BatchNorm not merged;
+- an average pooling or a mean (a global pool written `x.mean((2, 3))`) gives each value its share
+  (zennit's `Norm`; the gradient would hand relevance to values of zero);
+- the sum of two branches that both depend on the input (a residual connection, written `y + x`)
+  splits the relevance in proportion to each branch's value, zennit's `Norm` rule for the `Sum`
+  layer its canonizers put where torchvision's ResNet blocks add; so any CNN with residual additions
+  is handled, not only ResNets;
+- anything else (max pooling, padding, reshapes) passes its gradient, as in zennit.
+
+Equal to zennit's own attributor with its canonizers (tests/test_lrp.py), at 1.6 to 2.0 times a
+forward+backward on the CPU rather than zennit's 4.3 (its hooks run each layer again and take its
+gradient through autograd). The rules' own passes, each layer again with other weights, are noted
+as the model's work (`methods.common.note_passes`, by their multiply-adds), so that the row's bound
+counts the passes the rule needs.
 
 A model that multiplies two tensors that both depend on the input (attention, squeeze-and-excitation
 gates) or normalises across features (LayerNorm, softmax inside) has no rule here: it is refused
@@ -22,21 +34,18 @@ with the call and the module that made it.
 
 from __future__ import annotations
 
+import inspect
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
 from annotated_types import Ge, Gt
 from torch import nn
 from torch.nn import functional as F
-from zennit import composites, rules
-from zennit.canonizers import SequentialMergeBatchNorm
-from zennit.core import Composite as Rules
-from zennit.core import ParamMod
-from zennit.types import Convolution, Linear
 
-from methods.common import Count, chunked, method
+from methods.common import Count, chunked, method, note_passes
 from methods.follow import Following, call_name
 
 Composite = Literal[
@@ -85,16 +94,105 @@ class NotHandled(ValueError):
     """The model computes something LRP has no rule for here (named in the message)."""
 
 
-def _composite(name: str, epsilon: float, gamma: float, pixel_range: Any, inputs: torch.Tensor) -> Rules:
-    canonizers = [SequentialMergeBatchNorm()]
-    kw = {"epsilon": epsilon, "stabilizer": STABILIZER, "canonizers": canonizers}
-    z_plus = [(Convolution, _ZPlus(stabilizer=STABILIZER))]  # prepended: it takes the convolutions
+# The rules of a layer (a convolution or linear call), zennit's `BasicHook` passes written out: each
+# returns the relevance of the layer's input `x` from that of its output, `relevance`, given the
+# layer's (BatchNorm-merged) weights and its forward output `y`. `vjp(w, g)` is the transpose of the
+# layer's linear map with weights `w`, applied to `g`; `f(x, w, b)` the layer with other weights.
+_Vjp = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_Fwd = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class _Rule:
+    """A layer's rule, by name (`epsilon`, `z_plus`, `flat`, `gamma`, `z_box`, `alpha_beta`), with
+    its parameters; `apply` propagates relevance through one call of the layer.
+    """
+
+    name: str
+    epsilon: float = 1e-6
+    gamma: float = 0.25
+    alpha: float = 2.0
+    beta: float = 1.0
+    low: torch.Tensor | None = None
+    high: torch.Tensor | None = None
+
+    @property
+    def needs_output(self) -> bool:
+        """Whether the rule reads the layer's own output (else only its input is kept)."""
+        return self.name in ("epsilon", "gamma", "z_box")
+
+    def apply(
+        self, layer: _Layer, x: torch.Tensor, y: torch.Tensor | None, relevance: torch.Tensor, f: _Fwd,
+        vjp: _Vjp, inside: torch.Tensor | None = None, non_negative: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """The relevance of `x`; `inside` is one where `x` is the layer's input and zero where it is
+        the zero padding the model added before the call (the constant inputs of flat and z-box are
+        padded as the input was); `non_negative`: `x` is known to have no negative value.
+        """
+        w, part = layer.weight, layer.part
+        if self.name == "epsilon":
+            assert y is not None
+            return x * vjp(w, relevance / _stabilised(y, self.epsilon))
+        if self.name == "flat":  # every weight one, the input all ones, no bias; not times the input
+            ones, given = part("ones"), torch.ones_like(x) if inside is None else inside
+            return vjp(ones, relevance / _stabilised(f(given, ones, None)))
+        if self.name == "z_box":
+            assert y is not None and self.low is not None and self.high is not None
+            low, high = self.low.expand_as(x), self.high.expand_as(x)
+            if inside is not None:
+                low, high = low * inside, high * inside
+            wp, wn = part("w+"), part("w-")
+            g = relevance / _stabilised(y - f(low, wp, part("b+")) - f(high, wn, part("b-")))
+            return x * vjp(w, g) - low * vjp(wp, g) - high * vjp(wn, g)
+        # z+, gamma and alpha-beta: weights (and bias) by the sign of the contribution; the passes of
+        # an input's negative part are skipped where it has none (they add exactly zero there).
+        negative = not non_negative and bool(x.amin() < 0)
+        xp, xn = (x.clamp(min=0), x.clamp(max=0)) if negative else (x, None)
+        if self.name == "z_plus":
+            return self._pair(xp, xn, part("w+"), part("b+"), part("w-"), relevance, f, vjp, positive=True)
+        if self.name == "alpha_beta":
+            up = self._pair(xp, xn, part("w+"), part("b+"), part("w-"), relevance, f, vjp, positive=True)
+            down = self._pair(xp, xn, part("w-"), part("b-"), part("w+"), relevance, f, vjp)
+            return self.alpha * up - self.beta * down
+        if self.name == "gamma":
+            assert y is not None
+            wup, wdown = part(f"w+{self.gamma}"), part(f"w-{self.gamma}")
+            up = self._pair(xp, xn, wup, part(f"b+{self.gamma}"), wdown, relevance * (y > 0), f, vjp)
+            down = self._pair(xp, xn, wdown, part(f"b-{self.gamma}"), wup, relevance * (y < 0), f, vjp)
+            return up + down
+        raise AssertionError(self.name)
+
+    @staticmethod
+    def _pair(
+        xp: torch.Tensor, xn: torch.Tensor | None, w: torch.Tensor, b: torch.Tensor | None,
+        w_neg: torch.Tensor, relevance: torch.Tensor, f: _Fwd, vjp: _Vjp, positive: bool = False,
+    ) -> torch.Tensor:  # fmt: skip
+        """`xp` through `w` (with `b`) and `xn` through `w_neg` (no bias), sharing the relevance in
+        proportion to their joint output; `positive`: `w` and `b` have no negative value.
+        """
+        z = f(xp, w, b)
+        if xn is not None:
+            z += f(xn, w_neg, None)
+        # With w and b never negative (z+, alpha's share), z is a sum of terms that are never negative.
+        g = relevance / (z.add_(STABILIZER) if positive else _stabilised(z))
+        return xp * vjp(w, g) if xn is None else xp * vjp(w, g) + xn * vjp(w_neg, g)
+
+
+def _rules(
+    name: str, epsilon: float, gamma: float, pixel_range: Any, like: torch.Tensor
+) -> tuple[_Rule, _Rule, _Rule | None]:
+    """The rules of `composite` `name`: for convolutions, for linear layers, for the first layer
+    (None: its type's).
+    """
+    eps = _Rule("epsilon", epsilon=epsilon)
     if name == "epsilon_plus_flat":
-        return composites.EpsilonPlusFlat(layer_map=z_plus, **kw)
-    if name == "epsilon_alpha2_beta1":
-        return composites.EpsilonAlpha2Beta1(**kw)
+        return _Rule("z_plus"), eps, _Rule("flat")
     if name == "epsilon_plus":
-        return composites.EpsilonPlus(layer_map=z_plus, **kw)
+        return _Rule("z_plus"), eps, None
+    if name == "epsilon_alpha2_beta1":
+        return _Rule("alpha_beta", alpha=2.0, beta=1.0), eps, None
+    if name == "epsilon":
+        return eps, eps, None
     if name == "epsilon_gamma_box":
         if pixel_range is None:
             raise ValueError(
@@ -102,34 +200,230 @@ def _composite(name: str, epsilon: float, gamma: float, pixel_range: Any, inputs
                 "input channel (the job binds it from the model's normalisation)"
             )
         low, high = (
-            torch.tensor(v, dtype=inputs.dtype, device=inputs.device).view(1, -1, 1, 1) for v in pixel_range
+            torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, *(1,) * (like.dim() - 2))
+            for v in pixel_range
         )
-        return composites.EpsilonGammaBox(low=low, high=high, gamma=gamma, **kw)
-    if name == "epsilon":
-        layer_map = composites.layer_map_base(STABILIZER) + [
-            (Convolution, rules.Epsilon(epsilon=epsilon)),
-            (Linear, rules.Epsilon(epsilon=epsilon)),
-        ]
-        return composites.LayerMapComposite(layer_map=layer_map, canonizers=canonizers)
+        return _Rule("gamma", gamma=gamma), eps, _Rule("z_box", low=low, high=high)
     raise ValueError(f"lrp: unknown composite {name!r}; one of {', '.join(COMPOSITES)}")
 
 
-class _ZPlus(rules.ZPlus):
-    """Zennit's z+ rule, whose second pass (the input's negative part through the negative weights)
-    is skipped where a layer's input has no negative value: there it adds exactly zero, and after a
-    ReLU (most convolutions of a CNN) it is half of the rule's work.
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass
+class _Layer:
+    """A convolution or linear module as the rules see it: its weights with the BatchNorm merged in that
+    follows it among the model's modules in the order they were assigned (zennit's
+    `SequentialMergeBatchNorm`, which assumes that is the order they are called in), and its rule.
     """
 
-    def backward(self, module: nn.Module, grad_input: Any, grad_output: Any) -> Any:  # noqa: D102
-        x = self.stored_tensors["input"][0]
-        if bool((x < 0).any()):
-            return super().backward(module, grad_input, grad_output)
-        x = x.detach().requires_grad_(True)  # an alias: nothing writes to it
-        with ParamMod.ensure(self.param_modifiers[0])(module) as positive, torch.enable_grad():
-            out = positive.forward(x)
-        (g,) = torch.autograd.grad(out, x, grad_outputs=self.gradient_mapper(grad_output[0], [out])[0])
-        r = x.detach() * g
-        return tuple(r if original.shape == r.shape else None for original in grad_input)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    rule: _Rule
+    tally: _Tally
+    parts: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def part(self, key: str) -> torch.Tensor | None:
+        """The weights or bias a rule passes with, made once per call of `lrp`: `w+`, `w-`, `b+`, `b-`
+        (clamped at zero: zennit's `ClampMod`), `w+<gamma>`... (`w + gamma * w+`: its `GammaMod`),
+        `ones` (the flat rule's).
+        """
+        if key not in self.parts:
+            source, sign, gamma = (self.weight if key[0] == "w" else self.bias), key[1:2], key[2:]
+            if key == "ones":
+                made = torch.ones_like(self.weight)
+            elif source is None:
+                made = None
+            else:
+                clamped = source.clamp(min=0) if sign == "+" else source.clamp(max=0)
+                made = clamped if not gamma else source + float(gamma) * clamped
+            self.parts[key] = made
+        return self.parts[key]
+
+
+def _leaves(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules without children, depth first in the order they were assigned, a convolution or
+    linear module counting as one whatever it holds (EfficientNet's convolutions hold their padding).
+    """
+    children = list(module.children())
+    if not children or isinstance(module, _LAYERS):
+        yield module
+    for child in children if not isinstance(module, _LAYERS) else ():
+        yield from _leaves(child)
+
+
+def _layers(
+    model: nn.Module, conv: _Rule, linear: _Rule, first: _Rule | None, tally: _Tally
+) -> tuple[dict[int, _Layer], set[int]]:
+    """Each convolution and linear module's `_Layer`, by the id of its weight, and the ids of the
+    running means of the BatchNorms merged into them (their calls become the identity).
+    """
+    merged: dict[nn.Module, nn.modules.batchnorm._BatchNorm] = {}
+    leaves = list(_leaves(model))
+    for a, bn in zip(leaves, leaves[1:], strict=False):
+        if (
+            isinstance(a, _LAYERS)
+            and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and bn.running_var is not None
+        ):
+            merged[a] = bn
+    layers, identities = {}, set()
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _LAYERS) or isinstance(module, nn.modules.conv._ConvTransposeNd):
+                continue
+            rule = (
+                first
+                if first is not None and not layers
+                else (linear if isinstance(module, nn.Linear) else conv)
+            )
+            w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
+            bn = merged.get(module)
+            if bn is not None:
+                scale = (bn.running_var + bn.eps) ** 0.5
+                scale = (bn.weight if bn.weight is not None else 1.0) / scale
+                shift = bn.bias if bn.bias is not None else 0.0
+                w = w * scale.view(-1, *(1,) * (w.dim() - 1))
+                b = ((b if b is not None else 0.0) - bn.running_mean) * scale + shift
+                identities.add(id(bn.running_mean))
+            layers[id(module.weight)] = _Layer(w, b, rule, tally)
+    return layers, identities
+
+
+class _Relevant(torch.autograd.Function):
+    """A convolution or linear call whose backward is its layer's rule, not its gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, layer: _Layer, func: Any, rest: dict, inside: torch.Tensor | None,
+        non_negative: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        y = func(x, layer.weight, layer.bias, **rest)
+        ctx.layer, ctx.func, ctx.rest, ctx.inside, ctx.non_negative = layer, func, rest, inside, non_negative
+        ctx.save_for_backward(x, y if layer.rule.needs_output else None)
+        ctx.macs = y.numel() * layer.weight[0].numel()  # multiply-adds of the call
+        layer.tally.model += ctx.macs
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
+        x, y = ctx.saved_tensors
+        func, rest, layer = ctx.func, ctx.rest, ctx.layer
+
+        passes = [0, 0]  # the layer again forward, and transposed
+
+        def f(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            passes[0] += 1
+            return func(a, w, b, **rest)
+
+        def vjp(w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            passes[1] += 1
+            return _input_vjp(func, rest, x, w, g)
+
+        r = layer.rule.apply(layer, x, y, relevance, f, vjp, ctx.inside, ctx.non_negative)
+        layer.tally.forwards += passes[0] * ctx.macs
+        layer.tally.transposed += max(passes[1] - 1, 0) * ctx.macs  # one is the backward's own
+        return r, None, None, None, None, None
+
+
+@dataclass
+class _Tally:
+    """Multiply-adds of the rule layers: in the model's forward, and in the rules' passes beyond a
+    forward and backward (the layers again forward with other weights or inputs, and transposed
+    more than once).
+    """
+
+    model: int = 0
+    forwards: int = 0
+    transposed: int = 0
+
+    def note(self, images: int) -> None:
+        """Note the rules' passes since the last note as the model's own work (`note_passes`), in
+        images' worth: each layer's forward again is its share of a forward, each transposed pass
+        beyond the first its share of a backward (a forward+backward less a forward).
+        """
+        if self.model:
+            forwards, transposed = self.forwards / self.model, self.transposed / self.model
+            note_passes(forwards=images * (forwards - transposed), backwards=images * transposed)
+        self.model = self.forwards = self.transposed = 0
+
+
+def _input_vjp(func: Any, rest: dict, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """`g` through the transpose of the layer's linear map with weights `w` (which does not depend
+    on `x`, only on its shape): the input's gradient, without running the layer forward.
+    """
+    if func is F.linear:
+        return g @ w
+    n, padding = _CONVS[func], rest["padding"]
+    if isinstance(padding, str):  # "same" or "valid": autograd works out the padding
+        with torch.enable_grad():
+            a = torch.zeros_like(x).requires_grad_(True)
+            (grad,) = torch.autograd.grad(func(a, w, None, **rest), a, g)
+        return grad
+    return torch.ops.aten.convolution_backward(
+        g, x, w, None, _ntuple(rest["stride"], n), _ntuple(padding, n), _ntuple(rest["dilation"], n),
+        False, [0] * n, rest["groups"], [True, False, False],
+    )[0]  # fmt: skip
+
+
+def _ntuple(v: Any, n: int) -> list[int]:
+    return [int(v)] * n if isinstance(v, int) else [int(i) for i in v]
+
+
+def _call_rest(func: Any, args: tuple, kwargs: dict) -> dict:
+    """A convolution's or linear layer's arguments after input, weight and bias, by name."""
+    if func is F.linear:
+        return {}
+    names = ("stride", "padding", "dilation", "groups")
+    rest = dict(zip(names, args[3:], strict=False)) | {k: v for k, v in kwargs.items() if k in names}
+    return {"stride": 1, "padding": 0, "dilation": 1, "groups": 1} | rest
+
+
+class _Passed(torch.autograd.Function):
+    """An element-wise activation (or a BatchNorm not merged into a layer) whose relevance passes
+    through unchanged (zennit's `Pass`).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, call: Callable[[], torch.Tensor]) -> torch.Tensor:  # noqa: ARG004
+        return call()
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return relevance, None
+
+
+class _Normed(torch.autograd.Function):
+    """An average pooling whose relevance each value gets by its share (zennit's `Norm`): `x * J^T(R / z)`."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        ctx.func, ctx.args, ctx.kwargs = func, args, kwargs
+        y = func(x, *args, **kwargs)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        x, y = ctx.saved_tensors
+        with torch.enable_grad():
+            a = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(ctx.func(a, *ctx.args, **ctx.kwargs), a, relevance / _stabilised(y))
+        return x * g, None, None, None
+
+
+_ACTIVATIONS = frozenset({
+    F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.elu, F.elu_, F.selu, F.celu, F.leaky_relu,
+    F.leaky_relu_, F.gelu, F.silu, F.mish, F.softplus, F.hardswish, F.hardsigmoid, F.logsigmoid,
+    F.softsign, F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.rrelu, F.prelu, F.sigmoid,
+    F.tanh, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.selu, torch.celu, torch.rrelu,
+    torch.prelu, torch.threshold, _T.relu, _T.relu_, _T.sigmoid, _T.tanh,
+})  # fmt: skip
+_AVG_POOLS = frozenset({
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+})  # fmt: skip
 
 
 class _BranchSum(torch.autograd.Function):
@@ -180,9 +474,9 @@ def _unsqueezed(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _stabilised(z: torch.Tensor) -> torch.Tensor:
-    """Zennit's stabiliser: `z` moved away from zero by `STABILIZER`, on its own side (zero: up)."""
-    return z + STABILIZER * (z >= 0).to(z.dtype).mul_(2).sub_(1)
+def _stabilised(z: torch.Tensor, by: float = STABILIZER) -> torch.Tensor:
+    """Zennit's stabiliser: `z` moved away from zero by `by`, on its own side (zero: up)."""
+    return torch.where(z >= 0, z + by, z - by)
 
 
 def _reduced(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -194,18 +488,83 @@ def _reduced(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return r.sum(dims, keepdim=True).reshape(like.shape)
 
 
+_INPLACE = {
+    F.relu_: F.relu, F.hardtanh_: F.hardtanh, F.elu_: F.elu, F.leaky_relu_: F.leaky_relu,
+    torch.relu_: torch.relu, _T.relu_: torch.relu,
+}  # fmt: skip
+
+
+_NON_NEGATIVE = frozenset({
+    F.relu, F.relu_, F.relu6, torch.relu, torch.relu_, _T.relu, _T.relu_, F.sigmoid, torch.sigmoid,
+    _T.sigmoid, F.softplus, F.hardsigmoid,
+})  # fmt: skip
+_KEEP_SIGN = frozenset({
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, torch.flatten, _T.flatten, _T.view, _T.reshape, torch.reshape, F.dropout,
+    _T.contiguous, torch.mean, _T.mean,
+})  # fmt: skip
+
+
+def _non_negative_out(func: Any, args: tuple, kwargs: dict, from_non_negative: bool) -> bool:
+    """Whether a call's output has no negative value: a ReLU's (a hardtanh's with `min_val >= 0`),
+    or a pooling, padding with zeros, mean or reshape of a tensor without one.
+    """
+    if func in _NON_NEGATIVE:
+        return True
+    if func is F.hardtanh:
+        low = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        return float(low) >= 0
+    if func is F.pad:
+        return from_non_negative and _zero_padding(args, kwargs)
+    return from_non_negative and (func in _KEEP_SIGN or func in _AVG_POOLS)
+
+
+def _zero_padding(args: tuple, kwargs: dict) -> bool:
+    """Whether an `F.pad` call pads with zeros."""
+    mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+    value = args[3] if len(args) > 3 else kwargs.get("value")
+    return mode == "constant" and not value
+
+
+def _out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """An activation call made out of place (`inplace=False`, `relu_` as `relu`): the tensor it would
+    overwrite may be kept for a rule's backward.
+    """
+    func = _INPLACE.get(func, func)
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # a builtin: no `inplace` to set
+        return func, args, kwargs
+    if bound.arguments.get("inplace"):
+        bound.arguments["inplace"] = False
+    return func, bound.args, bound.kwargs
+
+
 class _Branches(Following):
-    """Follows what depends on the input through the forward; sends the sum of two such tensors
-    through `_BranchSum` and a mean of one through `_NormMean` (unless `rewrite=False`: only checks),
-    and raises `NotHandled` at a product of two, or a normalisation of one, naming it and `where()`
-    it happened.
+    """Follows what depends on the input through the forward, and gives each call its LRP rule:
+    a convolution or linear layer in `layers` (by its weight) its layer's rule through `_Relevant`,
+    a BatchNorm merged into one (by its running mean, in `merged`) the identity, an activation or
+    another BatchNorm `_Passed`, an average pooling `_Normed`, a mean `_NormMean`, the sum of two
+    dependent tensors `_BranchSum`; anything else its gradient. `layers=None` only checks: it raises
+    `NotHandled` at a product of two dependent tensors, or a normalisation of one, naming it and
+    `where()` it happened.
     """
 
     def __init__(
-        self, start: torch.Tensor, rewrite: bool = True, where: Callable[[], str] = lambda: ""
-    ) -> None:
+        self, start: torch.Tensor, layers: dict[int, _Layer] | None = None,
+        merged: frozenset[int] = frozenset(), where: Callable[[], str] = lambda: "",
+    ) -> None:  # fmt: skip
         super().__init__(start)
-        self.rewrite, self.where = rewrite, where
+        self.layers, self.merged, self.where = layers, merged, where
+        self.padded: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor, Any]] = {}
+        self.signless: dict[int, weakref.ref[torch.Tensor]] = {}
+
+    def _inside(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One where `x` holds values of the tensor it zero-padded (when it was), zero in the padding."""
+        seen = self.padded.get(id(x))
+        if seen is None or seen[0]() is not x:
+            return None
+        return F.pad(torch.ones_like(seen[1]), seen[2])
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -218,18 +577,60 @@ class _Branches(Following):
             )
         if func in _NORMALISING:
             raise NotHandled(f"{call_name(func)}{self.where()}")
-        mean = _mean_dims(args, kwargs) if self.rewrite and func in _MEANS else None
+        out = self._ruled(func, n, args, kwargs) if self.layers is not None else None
+        if out is None:
+            out = func(*args, **kwargs)
+        self.follow(out)
+        if (
+            self.layers is not None
+            and isinstance(out, torch.Tensor)
+            and _non_negative_out(func, args, kwargs, args and self.non_negative(args[0]))
+        ):
+            self.signless[id(out)] = weakref.ref(out)
+        return out
+
+    def non_negative(self, x: Any) -> bool:
+        """Whether `x` is known to hold no negative value (made by a ReLU, pooled or padded from one)."""
+        seen = self.signless.get(id(x))
+        return seen is not None and seen() is x
+
+    def _ruled(self, func: Any, n: int, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The call with its rule, or None where its gradient is its rule."""
+        assert self.layers is not None
+        first = args[0] if args else None
+        if not self.depends(first):
+            return None
+        if func in _CONVS or func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            layer = self.layers.get(id(weight))
+            if layer is None:
+                return None
+            inside = self._inside(first) if layer.rule.name in ("flat", "z_box") else None
+            rest = _call_rest(func, args, kwargs)
+            return _Relevant.apply(first, layer, func, rest, inside, self.non_negative(first))
+        if func is F.pad and _zero_padding(args, kwargs):
+            out = func(*args, **kwargs)
+            self.padded[id(out)] = (weakref.ref(out), first, args[1] if len(args) > 1 else kwargs["pad"])
+            return out
+        if func is F.batch_norm:
+            running_mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            if id(running_mean) in self.merged:
+                return first
+            return _Passed.apply(first, lambda: func(*args, **kwargs))
+        if func in _ACTIVATIONS and n == 1:
+            func, args, kwargs = _out_of_place(func, args, kwargs)
+            return _Passed.apply(first, lambda: func(*args, **kwargs))
+        if func in _AVG_POOLS:
+            return _Normed.apply(first, func, args[1:], kwargs)
+        mean = _mean_dims(args, kwargs) if func in _MEANS else None
         if mean is not None:
-            out = _NormMean.apply(*mean)
-        elif self.rewrite and n > 1 and func in _ADDITIONS and len(args) == 2 and not kwargs:
+            return _NormMean.apply(*mean)
+        if n > 1 and func in _ADDITIONS and len(args) == 2 and not kwargs:
             # In place (`out += x`) too: the sum is a new tensor, which the model's `out = out + x` names.
             name = call_name(func)
             a, b = (args[1], args[0]) if "rsub" in name else args
-            out = _BranchSum.apply(a, b, -1.0 if "sub" in name else 1.0)
-        else:
-            out = func(*args, **kwargs)
-        self.follow(out)
-        return out
+            return _BranchSum.apply(a, b, -1.0 if "sub" in name else 1.0)
+        return None
 
 
 _WITH_RULES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -272,13 +673,24 @@ def _why_not(model: nn.Module, probe: torch.Tensor) -> str | None:
         return f" in module {stack[-1] or type(model).__name__!r}"
 
     try:
-        with torch.no_grad(), _Branches(probe, rewrite=False, where=where):
-            model(probe)
+        with torch.no_grad(), _Branches(probe, where=where):
+            plain = model(probe)
     except NotHandled as e:
         return str(e)
     finally:
         for h in hooks:
             h.remove()
+    rule = _Rule("epsilon")
+    layers, merged = _layers(model, rule, rule, None, _Tally())
+    with torch.no_grad(), _Branches(probe, layers, frozenset(merged)):
+        ruled = model(probe)
+    off = float((ruled - plain).abs().max() / plain.abs().max().clamp(min=1e-12))
+    if off > 1e-4:
+        return (
+            "BatchNorm that does not follow the convolution or linear layer assigned before it (merged "
+            f"into that layer, as zennit's canonizer merges by the order of assignment, the logits move by "
+            f"{off:.1e} of their largest)"
+        )
     return None
 
 
@@ -304,16 +716,19 @@ def lrp(
             `epsilon_gamma_box` (the job binds the model's normalised `[0, 1]`).
         chunk_size: images per forward and backward.
     """
-    rules = _composite(composite, epsilon, gamma, pixel_range, inputs)
+    conv, linear, first = _rules(composite, epsilon, gamma, pixel_range, inputs)
     _check_handled(model, inputs[:1])
+    tally = _Tally()
+    layers, merged = _layers(model, conv, linear, first, tally)
 
     def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), rules.context(model) as hooked:  # the rules act in the backward
-            with _Branches(x):
-                logits = hooked(x)
+        with torch.enable_grad():
+            with _Branches(x, layers, frozenset(merged)):  # the rules act in the backward
+                logits = model(x)
             seed = torch.zeros_like(logits).scatter_(1, t[:, None], logits.detach().gather(1, t[:, None]))
             (r,) = torch.autograd.grad(logits, x, grad_outputs=seed)
+        tally.note(x.shape[0])
         return r
 
     return chunked(relevance, inputs, target, chunk_size)

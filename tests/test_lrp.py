@@ -199,11 +199,28 @@ class _Normed(nn.Module):
         return self.fc(self.norm(self.conv(x)).mean((2, 3)))
 
 
+class _Misordered(nn.Module):
+    """BatchNorm assigned right after the convolution but called after the ReLU that follows it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv, self.norm, self.relu = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.fc(self.norm(self.relu(self.conv(x))).mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     ("model", "says"),
     [
         (_Gated(), "a product of two tensors that depend on the input"),
         (_Normed(), "GroupNorm with parameters"),
+        (_Misordered(), "BatchNorm that does not follow the convolution or linear layer assigned before it"),
     ],
 )
 def test_a_model_it_cannot_handle_gets_one_clear_message(model, says):
@@ -226,20 +243,48 @@ def test_is_exported():
     assert methods.lrp is lrp
 
 
-def test_z_plus_skips_its_negative_pass_where_a_layer_has_no_negative_input(vgg11, monkeypatch):
+def test_z_plus_skips_its_negative_pass_where_a_layer_has_no_negative_input(vgg11):
     """On inputs in [0, 1] no convolution of VGG-11 sees a negative value, so z+ runs each one once
     with positive weights inside the backward, not twice as zennit's rule does; the relevance is
     zennit's to the last bit.
     """
+    from torch.profiler import profile
     from zennit.composites import EpsilonPlus
 
     x, t = _rand(1, 3, 32, 32, seed=7, low=0.0), torch.tensor([2])
     expected = zennit_lrp(vgg11, EpsilonPlus(), x, t)
     lrp(vgg11, x, t, composite="epsilon_plus")  # the model's check, once
-    calls = []
-    conv2d = nn.functional.conv2d
-    monkeypatch.setattr(nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
-    got = lrp(vgg11, x, t, composite="epsilon_plus")
+    with profile() as p:
+        got = lrp(vgg11, x, t, composite="epsilon_plus")
+    calls = sum(e.name == "aten::convolution" for e in p.events())
     convs = sum(isinstance(m, nn.Conv2d) for m in vgg11.modules())
-    assert len(calls) == 2 * convs  # the model's forward, and one z+ pass of each
+    assert calls == 2 * convs  # the model's forward, and one z+ pass of each
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_the_rules_passes_are_noted_as_the_models_work_by_their_multiply_adds(vgg11):
+    """On inputs in [0, 1], EpsilonPlus runs each convolution of VGG-11 again with positive weights
+    and no layer's transpose twice: it notes the convolutions' share of the model's multiply-adds as
+    forwards per image, and no backward; the epsilon rule everywhere notes nothing.
+    """
+    from methods.common import noting_passes
+
+    macs = {"conv": 0, "linear": 0}
+
+    def count(module, args, out):
+        per_output = module.weight[0].numel()  # in/groups * kernel, or in_features
+        macs["conv" if isinstance(module, nn.Conv2d) else "linear"] += out[0].numel() * per_output
+
+    hooks = [m.register_forward_hook(count) for m in vgg11.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    x, t = _rand(3, 3, 32, 32, seed=8, low=0.0), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        vgg11(x[:1])
+    for h in hooks:
+        h.remove()
+    share = macs["conv"] / (macs["conv"] + macs["linear"])
+    with noting_passes() as noted:
+        lrp(vgg11, x, t, composite="epsilon_plus", chunk_size=2)
+    assert noted[0] == pytest.approx(3 * share, rel=1e-9) and noted[1] == 0
+    with noting_passes() as noted:
+        lrp(vgg11, x, t, composite="epsilon")
+    assert noted == [0.0, 0.0]

@@ -158,6 +158,30 @@ def test_cheap_repeats_share_two_bound_loops_and_long_calls_get_one_between_each
     assert len(t.bounds_ms) == 3 and t.bound_ratio is not None
 
 
+def test_passes_a_method_notes_are_added_to_its_bound():
+    """A call that forwards 4 images and notes 2.5 images' worth of forwards (as LRP notes its rule
+    passes) is bounded by 6.5 images at the loop's 1 ms per image.
+    """
+    from methods.common import note_passes
+
+    model = tiny_model()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    speed, _ = fake_speed({1: [1.0] * 20})
+    speed.model = model
+    speed.adopt({"forward": {1: 1.0}})
+
+    def noting():
+        with torch.no_grad():
+            out = model(x)
+        note_passes(forwards=2.5)
+        return out
+
+    _, t = measure(noting, torch.device("cpu"), model=model, speed=speed, min_repeats=2, max_repeats=2)
+    assert t.forwards == 4 and t.noted_forwards == 2.5 and t.bounds_ms == [6.5, 6.5]
+    note_passes(forwards=1.0)  # outside a count: nothing to add it to, and no error
+
+
 def test_each_timed_call_gets_a_bound_measured_beside_it():
     model = tiny_model()
     x = torch.randn(6, 3, 8, 8)

@@ -78,6 +78,8 @@ class Measured:
             f"{prefix}_repeats": len(t.times_ms),
             f"{prefix}_forwards_per_image": t.forwards / n,
             f"{prefix}_backwards_per_image": t.backwards / n,
+            f"{prefix}_noted_forwards_per_image": t.noted_forwards / n,
+            f"{prefix}_noted_backwards_per_image": t.noted_backwards / n,
             f"{prefix}_bound_ms_per_image": None if bound is None else bound / n,
             f"{prefix}_bound_ratio": t.bound_ratio,
             f"{prefix}_chunk_size": self.chunk_size,

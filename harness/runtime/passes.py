@@ -11,14 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from methods.common import noting_passes
+
 
 @dataclass
 class ForwardCounter:
-    """Counts the images that pass through a model's forward, split by whether autograd records."""
+    """Counts the images that pass through a model's forward, split by whether autograd records, and
+    the work a method notes as the model's own again (`methods.common.note_passes`: `noted_forwards`
+    and `noted_backwards`, in images' worth).
+    """
 
     forwards: int = 0
     backwards: int = 0
     calls: int = 0
+    noted_forwards: float = 0.0
+    noted_backwards: float = 0.0
 
     def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook: add the batch sizes of the image tensors in the call's arguments."""
@@ -51,13 +58,17 @@ def _tensors(args: Any) -> Iterator[torch.Tensor]:
 
 @contextmanager
 def count_forwards(model: nn.Module) -> Iterator[ForwardCounter]:
-    """Count images forwarded through `model` inside the block; the hook is always removed."""
+    """Count images forwarded through `model` inside the block, and the passes methods note; the hook
+    is always removed.
+    """
     counter = ForwardCounter()
     handle = model.register_forward_pre_hook(counter.hook)
     try:
-        yield counter
+        with noting_passes() as noted:
+            yield counter
     finally:
         handle.remove()
+    counter.noted_forwards, counter.noted_backwards = noted
 
 
 class StopEarly(BaseException):

@@ -38,6 +38,9 @@ class Timing:
         times_ms: one entry per timed call.
         forwards: images forwarded without autograd, per call.
         backwards: images forwarded with autograd (assumed to be backpropagated), per call.
+        noted_forwards: the model's forward again outside it, in images' worth, per call, as the
+            method noted it (`methods.common.note_passes`: LRP's rule passes).
+        noted_backwards: the same for forward+backward passes.
         bounds_ms: for each timed call, the time of its forwards and backwards at the model's own
             speed, measured next to it (empty when no bound was measured).
         warmup_ms: wall time of the warm-up.
@@ -47,6 +50,8 @@ class Timing:
     times_ms: list[float]
     forwards: int = 0
     backwards: int = 0
+    noted_forwards: float = 0.0
+    noted_backwards: float = 0.0
     bounds_ms: list[float] = field(default_factory=list)
     warmup_ms: float = 0.0
     loops_ms: float = 0.0
@@ -86,7 +91,8 @@ class Timing:
 
 
 def _kinds(counter: ForwardCounter) -> set[str]:
-    return {k for k, n in zip(KINDS, (counter.forwards, counter.backwards), strict=True) if n > 0}
+    seen = (counter.forwards + counter.noted_forwards, counter.backwards + counter.noted_backwards)
+    return {k for k, n in zip(KINDS, seen, strict=True) if n > 0}
 
 
 class _Bounds:
@@ -113,8 +119,9 @@ class _Bounds:
         if len(self.loops) > 1:
             pair = self.loops[-2:]
             per_image = {k: min(loop[k] for loop in pair if k in loop) for k in self.kinds}
-            bound = self.timing.forwards * per_image.get("forward", 0.0)
-            bound += self.timing.backwards * per_image.get("forward_backward", 0.0)
+            t = self.timing
+            bound = (t.forwards + t.noted_forwards) * per_image.get("forward", 0.0)
+            bound += (t.backwards + t.noted_backwards) * per_image.get("forward_backward", 0.0)
             self.timing.bounds_ms += [bound] * self.stretch
             self.stretch = 0
 
@@ -207,6 +214,7 @@ def measure(
         out, ms, counter = _call(fn, device, model)
         if counter is not None:
             timing.forwards, timing.backwards = counter.forwards, counter.backwards
+            timing.noted_forwards, timing.noted_backwards = counter.noted_forwards, counter.noted_backwards
             if bounded:
                 bounds.kinds |= _kinds(counter)  # a kind the warm-up did not reach: timed after the calls
         timing.times_ms.append(ms)

@@ -125,7 +125,7 @@ def zennit_lite_canonizer() -> Any:
     sum a zennit `Sum` layer and the global mean an average pooling layer (zennit's route for a model's
     own additions; `methods.lrp` handles them per call instead).
     """
-    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, SequentialMergeBatchNorm
+    from zennit.canonizers import AttributeCanonizer, CompositeCanonizer, MergeBatchNorm
     from zennit.layer import Sum
 
     from harness.models.efficientnet_lite import EfficientNetLite, LiteBlock
@@ -146,7 +146,34 @@ def zennit_lite_canonizer() -> Any:
             return {"forward": types.MethodType(net_forward, module), "canonizer_pool": pool}
         return None
 
-    return CompositeCanonizer([SequentialMergeBatchNorm(), AttributeCanonizer(attributes)])
+    class MergeEachBatchNorm(MergeBatchNorm):
+        """Zennit's merge for every convolution followed by BatchNorm in a `Sequential` (its own
+        `SequentialMergeBatchNorm` skips EfficientNet's convolutions, which hold their padding as a
+        module), with the BatchNorm made an exact identity: zennit leaves its `eps` in place, so it
+        divides by `sqrt(1 + eps)`, 0.9995 for EfficientNet's 1e-3, at every merged layer.
+        """
+
+        def register(self, linears: Any, batch_norm: torch.nn.Module) -> None:
+            super().register(linears, batch_norm)
+            self.eps = batch_norm.eps
+            batch_norm.eps = 0.0
+
+        def remove(self) -> None:
+            self.batch_norm.eps = self.eps
+            super().remove()
+
+        def apply(self, root_module: torch.nn.Module) -> list[Any]:
+            merged = []
+            for seq in root_module.modules():
+                if isinstance(seq, torch.nn.Sequential):
+                    for conv, bn in zip(seq, list(seq)[1:], strict=False):
+                        if isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d):
+                            instance = self.copy()
+                            instance.register((conv,), bn)
+                            merged.append(instance)
+            return merged
+
+    return CompositeCanonizer([MergeEachBatchNorm(), AttributeCanonizer(attributes)])
 
 
 def zennit_lrp(model: torch.nn.Module, composite: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -181,16 +208,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2, help="photos per call")
     parser.add_argument("--samples", type=int, default=200, help="LIME's and KernelSHAP's samples per photo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--only", nargs="+", choices=("surrogates", "paths", "lrp"), default=("surrogates", "paths", "lrp"),
+        help="the comparisons to run (default: all)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", category=UserWarning)
     device = torch.device(args.device)
     s = _setup(SETTING, device)
-    rows = (
-        surrogates(s, device, args.repeats, args.images, args.samples)
-        + paths(s, device, args.repeats, args.images)
-        + lrp(s, device, args.repeats, len(s.x))
-    )
+    rows = []
+    if "surrogates" in args.only:
+        rows += surrogates(s, device, args.repeats, args.images, args.samples)
+    if "paths" in args.only:
+        rows += paths(s, device, args.repeats, args.images)
+    if "lrp" in args.only:
+        rows += lrp(s, device, args.repeats, len(s.x))
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     title = (
