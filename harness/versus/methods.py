@@ -13,6 +13,8 @@ one machine.
 - LRP (EpsilonPlusFlat) against zennit's own: its `Gradient` attributor with the same composite, and
   EfficientNet-Lite's residual sums and global mean made zennit `Sum` and pooling layers by a
   canonizer (`zennit_lite_canonizer`), the way zennit's ResNet canonizer rewrites torchvision's blocks.
+- The model alone (`ceilings`): its forward, and its forward+backward, on the eight photos at batch 1
+  against ours: the most any method whose work is the model's passes can win by batching them.
 
 Ours run with the harness's defaults (channels_last, BatchNorm folded) at its calibrated chunk sizes.
 The calls alternate, ours first, after one warm-up call each; every figure is the best of `--repeats`
@@ -42,6 +44,7 @@ from methods.surrogate import regions
 
 log = logging.getLogger("harness")
 SETTING = "efficientnet_lite0@224"
+COMPARISONS = ("surrogates", "paths", "lrp", "ceilings")
 
 
 def surrogates(
@@ -200,6 +203,38 @@ def lrp(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[
     return [_row("lrp (epsilon_plus_flat)", images, best_of(calls, device, repeats))]
 
 
+def ceilings(s: Setup, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """The model alone on the eight photos, as the libraries run it (batch 1, the model as a user
+    passes it) and as ours does (its calibrated batch sizes, BatchNorm folded): the most that batching
+    and the harness's model options can win for a method whose work is the model's passes, as LIME's
+    and KernelSHAP's is forwards and Guided IG's forwards and backwards.
+    """
+
+    def forwards(model: torch.nn.Module, bs: int) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                for i in range(0, len(s.x), bs):
+                    model(s.x[i : i + bs])
+
+        return call
+
+    def backwards(model: torch.nn.Module, bs: int) -> Callable[[], None]:
+        def call() -> None:
+            for i in range(0, len(s.x), bs):
+                x = s.x[i : i + bs].detach().requires_grad_(True)
+                torch.autograd.grad(model(x).gather(1, s.t[i : i + bs, None]).sum(), x)
+
+        return call
+
+    log.info("the model's own passes at batch 1 and at ours")
+    fwd = {"ours": forwards(s.model, s.bs), "batch-1": forwards(s.captum_model, 1)}
+    fb = {"ours": backwards(s.model, s.grad_bs), "batch-1": backwards(s.captum_model, 1)}
+    return [
+        _row("the model's forward", len(s.x), best_of(fwd, device, repeats)),
+        _row("the model's forward+backward", len(s.x), best_of(fb, device, repeats)),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the comparisons and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -209,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=200, help="LIME's and KernelSHAP's samples per photo")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--only", nargs="+", choices=("surrogates", "paths", "lrp"), default=("surrogates", "paths", "lrp"),
+        "--only", nargs="+", choices=COMPARISONS, default=COMPARISONS,
         help="the comparisons to run (default: all)",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -224,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += paths(s, device, args.repeats, args.images)
     if "lrp" in args.only:
         rows += lrp(s, device, args.repeats, len(s.x))
+    if "ceilings" in args.only:
+        rows += ceilings(s, device, args.repeats)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     title = (
