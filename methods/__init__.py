@@ -19,16 +19,19 @@ from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from methods.path_ig import blur_ig, guided_ig
 from methods.perturbation import occlusion, rise
 from methods.surrogate import kernel_shap, lime
+from methods.transformer import attention_rollout, generic_attention
 
 __all__ = [
     "MethodTraits",
     "ablation_cam",
+    "attention_rollout",
     "blur_ig",
     "deeplift",
     "deeplift_shap",
     "eigen_cam",
     "expected_gradients",
     "full_grad",
+    "generic_attention",
     "grad_cam",
     "grad_cam_plus_plus",
     "gradient_shap",

@@ -42,6 +42,8 @@ class MethodTraits:
         check_model: `(model, probe) -> None`, raising `ValueError` that names what in the model the
             method cannot handle (LRP: a product of two input-dependent tensors); the job runs it on
             one image before any timed or calibrating work.
+        attention: reads a transformer's attention (`methods.transformer.AttentionProbs`); the job
+            binds the model's token layout (`prefix_tokens`, `grid`).
     """
 
     forward_only: bool = False
@@ -51,6 +53,7 @@ class MethodTraits:
     softmax: bool = False
     references: bool = False
     check_model: Callable[[Any, torch.Tensor], None] | None = None
+    attention: bool = False
 
 
 def method(
@@ -62,12 +65,13 @@ def method(
     softmax: bool = False,
     references: bool = False,
     check_model: Callable[[Any, torch.Tensor], None] | None = None,
+    attention: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
         traits = MethodTraits(
-            forward_only, eager_only, stochastic, ground_truth, softmax, references, check_model
+            forward_only, eager_only, stochastic, ground_truth, softmax, references, check_model, attention
         )
         fn.traits = traits  # type: ignore[attr-defined]
         return fn

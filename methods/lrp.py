@@ -38,7 +38,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
 from annotated_types import Ge, Gt
@@ -129,36 +129,40 @@ class _Rule:
         the zero padding the model added before the call (the constant inputs of flat and z-box are
         padded as the input was); `non_negative`: `x` is known to have no negative value.
         """
-        w, part = layer.weight, layer.part
+        w = layer.weight
         if self.name == "epsilon":
             assert y is not None
             return x * vjp(w, relevance / _stabilised(y, self.epsilon))
         if self.name == "flat":  # every weight one, the input all ones, no bias; not times the input
-            ones, given = part("ones"), torch.ones_like(x) if inside is None else inside
+            ones, given = layer.w("ones"), torch.ones_like(x) if inside is None else inside
             return vjp(ones, relevance / _stabilised(f(given, ones, None)))
         if self.name == "z_box":
             assert y is not None and self.low is not None and self.high is not None
             low, high = self.low.expand_as(x), self.high.expand_as(x)
             if inside is not None:
                 low, high = low * inside, high * inside
-            wp, wn = part("w+"), part("w-")
-            g = relevance / _stabilised(y - f(low, wp, part("b+")) - f(high, wn, part("b-")))
+            wp, wn = layer.w("+"), layer.w("-")
+            g = relevance / _stabilised(y - f(low, wp, layer.b("+")) - f(high, wn, layer.b("-")))
             return x * vjp(w, g) - low * vjp(wp, g) - high * vjp(wn, g)
         # z+, gamma and alpha-beta: weights (and bias) by the sign of the contribution; the passes of
         # an input's negative part are skipped where it has none (they add exactly zero there).
         negative = not non_negative and bool(x.amin() < 0)
         xp, xn = (x.clamp(min=0), x.clamp(max=0)) if negative else (x, None)
         if self.name == "z_plus":
-            return self._pair(xp, xn, part("w+"), part("b+"), part("w-"), relevance, f, vjp, positive=True)
+            return self._pair(
+                xp, xn, layer.w("+"), layer.b("+"), layer.w("-"), relevance, f, vjp, positive=True
+            )
         if self.name == "alpha_beta":
-            up = self._pair(xp, xn, part("w+"), part("b+"), part("w-"), relevance, f, vjp, positive=True)
-            down = self._pair(xp, xn, part("w-"), part("b-"), part("w+"), relevance, f, vjp)
+            up = self._pair(
+                xp, xn, layer.w("+"), layer.b("+"), layer.w("-"), relevance, f, vjp, positive=True
+            )
+            down = self._pair(xp, xn, layer.w("-"), layer.b("-"), layer.w("+"), relevance, f, vjp)
             return self.alpha * up - self.beta * down
         if self.name == "gamma":
             assert y is not None
-            wup, wdown = part(f"w+{self.gamma}"), part(f"w-{self.gamma}")
-            up = self._pair(xp, xn, wup, part(f"b+{self.gamma}"), wdown, relevance * (y > 0), f, vjp)
-            down = self._pair(xp, xn, wdown, part(f"b-{self.gamma}"), wup, relevance * (y < 0), f, vjp)
+            wup, wdown = layer.w(f"+{self.gamma}"), layer.w(f"-{self.gamma}")
+            up = self._pair(xp, xn, wup, layer.b(f"+{self.gamma}"), wdown, relevance * (y > 0), f, vjp)
+            down = self._pair(xp, xn, wdown, layer.b(f"-{self.gamma}"), wup, relevance * (y < 0), f, vjp)
             return up + down
         raise AssertionError(self.name)
 
@@ -224,14 +228,24 @@ class _Layer:
     tally: _Tally
     parts: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
+    def w(self, key: str) -> torch.Tensor:
+        """The weights a rule passes with (`part`)."""
+        made = self.part("w" + key)
+        assert made is not None
+        return made
+
+    def b(self, key: str) -> torch.Tensor | None:
+        """The bias a rule passes with (`part`), or None where the layer has none."""
+        return self.part("b" + key)
+
     def part(self, key: str) -> torch.Tensor | None:
         """The weights or bias a rule passes with, made once per call of `lrp`: `w+`, `w-`, `b+`, `b-`
         (clamped at zero: zennit's `ClampMod`), `w+<gamma>`... (`w + gamma * w+`: its `GammaMod`),
-        `ones` (the flat rule's).
+        `wones` (the flat rule's).
         """
         if key not in self.parts:
             source, sign, gamma = (self.weight if key[0] == "w" else self.bias), key[1:2], key[2:]
-            if key == "ones":
+            if key == "wones":
                 made = torch.ones_like(self.weight)
             elif source is None:
                 made = None
@@ -268,7 +282,8 @@ def _layers(
             and bn.running_var is not None
         ):
             merged[a] = bn
-    layers, identities = {}, set()
+    layers: dict[int, _Layer] = {}
+    identities: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
             if not isinstance(module, _LAYERS) or isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -279,14 +294,14 @@ def _layers(
                 else (linear if isinstance(module, nn.Linear) else conv)
             )
             w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
-            bn = merged.get(module)
-            if bn is not None:
-                scale = (bn.running_var + bn.eps) ** 0.5
-                scale = (bn.weight if bn.weight is not None else 1.0) / scale
-                shift = bn.bias if bn.bias is not None else 0.0
+            norm = merged.get(module)
+            if norm is not None:
+                mean, var = cast(torch.Tensor, norm.running_mean), cast(torch.Tensor, norm.running_var)
+                scale = (norm.weight if norm.weight is not None else 1.0) / (var + norm.eps) ** 0.5
+                shift = norm.bias if norm.bias is not None else 0.0
                 w = w * scale.view(-1, *(1,) * (w.dim() - 1))
-                b = ((b if b is not None else 0.0) - bn.running_mean) * scale + shift
-                identities.add(id(bn.running_mean))
+                b = ((b if b is not None else 0.0) - mean) * scale + shift
+                identities.add(id(mean))
             layers[id(module.weight)] = _Layer(w, b, rule, tally)
     return layers, identities
 
@@ -584,7 +599,7 @@ class _Branches(Following):
         if (
             self.layers is not None
             and isinstance(out, torch.Tensor)
-            and _non_negative_out(func, args, kwargs, args and self.non_negative(args[0]))
+            and _non_negative_out(func, args, kwargs, bool(args) and self.non_negative(args[0]))
         ):
             self.signless[id(out)] = weakref.ref(out)
         return out
@@ -605,10 +620,12 @@ class _Branches(Following):
             layer = self.layers.get(id(weight))
             if layer is None:
                 return None
+            assert isinstance(first, torch.Tensor)
             inside = self._inside(first) if layer.rule.name in ("flat", "z_box") else None
             rest = _call_rest(func, args, kwargs)
             return _Relevant.apply(first, layer, func, rest, inside, self.non_negative(first))
         if func is F.pad and _zero_padding(args, kwargs):
+            assert isinstance(first, torch.Tensor)
             out = func(*args, **kwargs)
             self.padded[id(out)] = (weakref.ref(out), first, args[1] if len(args) > 1 else kwargs["pad"])
             return out

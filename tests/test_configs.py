@@ -35,7 +35,7 @@ def test_every_group_has_options():
         assert options(group), group
 
 
-# shapes_cnn trains on the generated shapes: here a tiny schedule, cached in the test's folder.
+# shapes_cnn and shapes_vit train on the generated shapes: here a tiny schedule, cached in the test's folder.
 TINY_SHAPES = [
     "data=shapes",
     "model.train_images=64",
@@ -50,6 +50,7 @@ def test_model_options_instantiate(name, tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     extra = {
         "shapes_cnn": TINY_SHAPES,
+        "shapes_vit": TINY_SHAPES,
         "custom": ["model.builder=harness.models.SmallCNN", "model.input_size=32"],
     }
     cfg = cfg_with(f"model={name}", *extra.get(name, []))
@@ -57,11 +58,12 @@ def test_model_options_instantiate(name, tmp_path, monkeypatch):
     # naming rule: config stem == value in the row, but for the configs of many architectures
     assert clf.name == {"torchvision": "resnet18", "timm": "resnet18", "custom": "SmallCNN"}.get(name, name)
     assert not clf.module.training
-    assert clf.pretrained == (name in ("efficientnet_lite0", "shapes_cnn"))  # custom, torchvision: random
+    trained = ("efficientnet_lite0", "shapes_cnn", "shapes_vit")
+    assert clf.pretrained == (name in trained)  # custom, torchvision: random
     clf.module.get_submodule(clf.cam_layer)
     from metrics.sanity import blocks_modules
 
-    given = clf.blocks if cfg.model.blocks == "auto" else cfg.model.blocks
+    given = clf.blocks if cfg.model.blocks in ("auto", None) else cfg.model.blocks
     assert len(blocks_modules(clf.module, clf.blocks)) == len(given) >= 3  # names that exist
     with torch.no_grad():
         logits = clf.module(torch.zeros(1, 3, clf.input_size, clf.input_size))
@@ -157,7 +159,8 @@ def test_experiment_options_compose(name):
 
 
 def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most():
-    """`experiment=methods` sweeps every method that needs no ground truth. The default comparison
+    """`experiment=methods` sweeps every method that needs neither ground truth nor a transformer's
+    attention (the default model is a CNN). The default comparison
     leaves out the CAM family's members that cost a forward per channel (Score-CAM, Ablation-CAM: 10 s
     per photo on 2 cores) or localise as Grad-CAM does on the generated shapes (XGrad-CAM, LayerCAM,
     HiResCAM) or read no class (EigenCAM), which `experiment=cams` sweeps, SmoothGrad's other two
@@ -171,12 +174,9 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
         cams = compose("config", ["experiment=cams"], return_hydra_config=True)
         everything = compose("config", ["experiment=methods"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
-    every = [
-        m
-        for m in options("method")
-        if not traits_of(instantiate(cfg_with(f"method={m}").method)).ground_truth
-    ]
-    assert every == sorted(set(options("method")) - {"oracle"})
+    traits = {m: traits_of(instantiate(cfg_with(f"method={m}").method)) for m in options("method")}
+    every = [m for m in options("method") if not traits[m].ground_truth and not traits[m].attention]
+    assert every == sorted(set(options("method")) - {"oracle", "attention_rollout", "generic_attention"})
     swept = everything.hydra.sweeper.params.method.split(",")
     assert sorted(swept) == every and len(set(swept)) == len(swept)
     family = set(cams.hydra.sweeper.params.method.split(","))
@@ -206,7 +206,8 @@ def test_an_experiments_sweep_overrides_the_default_one():
         truth = compose("config", ["experiment=ground_truth"], return_hydra_config=True)
         speed = compose("config", ["experiment=speed"], return_hydra_config=True)
     methods = truth.hydra.sweeper.params.method.split(",")
-    assert methods[0] == "oracle" and sorted(methods) == options("method")
+    attention = {"attention_rollout", "generic_attention"}  # shapes_cnn has none
+    assert methods[0] == "oracle" and sorted(methods) == sorted(set(options("method")) - attention)
     assert speed.hydra.sweeper.params.method == "saliency,integrated_gradients,occlusion,grad_cam"
 
 

@@ -47,6 +47,21 @@ def configured(name: str, chunk_size: int = 4, **overrides):
 REFERENCES = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
 
+_VIT: list[torch.nn.Module] = []
+
+
+def model_for(name: str, small_cnn) -> torch.nn.Module:
+    """The small CNN, or for a method that reads attention a small transformer (random weights)."""
+    if not traits_of(getattr(methods, name)).attention:
+        return small_cnn.module
+    if not _VIT:
+        from harness.models.shapes_vit import ShapesViT
+
+        torch.manual_seed(0)
+        _VIT.append(ShapesViT(5, input_size=32, dim=32, depth=2, heads=4).eval())
+    return _VIT[0]
+
+
 def call(fn, model, x, t, seed=0):
     seed_all(seed)
     if traits_of(fn).references:
@@ -62,12 +77,12 @@ def call(fn, model, x, t, seed=0):
 def test_contract_shape_device_finite_repeatable(name, small_cnn, images):
     fn = configured(name)
     t = torch.tensor([0, 1, 2, 3, 4])
-    a = call(fn, small_cnn.module, images, t)
+    a = call(fn, model_for(name, small_cnn), images, t)
     assert isinstance(a, torch.Tensor) and a.device == images.device
     assert a.shape[0] == 5 and a.shape[1] in (1, 3) and a.shape[2:] == (32, 32)
     assert torch.isfinite(a).all()
     assert a.abs().sum() > 0
-    torch.testing.assert_close(call(fn, small_cnn.module, images, t), a)
+    torch.testing.assert_close(call(fn, model_for(name, small_cnn), images, t), a)
 
 
 @pytest.mark.parametrize("name", method_configs())
@@ -83,11 +98,11 @@ def test_declared_traits_hold(name, small_cnn, images):
         if out.requires_grad:  # fires only when something backpropagates through the logits
             out.register_hook(lambda grad: backwards.append(1))
 
-    handle = small_cnn.module.register_forward_hook(count_backward)
+    handle = model_for(name, small_cnn).register_forward_hook(count_backward)
     try:
         first, second = (
-            call(fn, small_cnn.module, images, t, seed=0),
-            call(fn, small_cnn.module, images, t, seed=1),
+            call(fn, model_for(name, small_cnn), images, t, seed=0),
+            call(fn, model_for(name, small_cnn), images, t, seed=1),
         )
     finally:
         handle.remove()
@@ -102,21 +117,21 @@ def test_declared_traits_hold(name, small_cnn, images):
 def test_batch_equals_each_image_alone(name, small_cnn, images):
     fn = configured(name)
     t = torch.tensor([4, 0, 3, 1, 2])
-    batch = call(fn, small_cnn.module, images, t)
+    batch = call(fn, model_for(name, small_cnn), images, t)
     if name == "random":  # one draw per batch: the first image alone gets the first draw
-        torch.testing.assert_close(call(fn, small_cnn.module, images[:1], t[:1]), batch[:1])
+        torch.testing.assert_close(call(fn, model_for(name, small_cnn), images[:1], t[:1]), batch[:1])
         return
     for i in range(5):
-        alone = call(fn, small_cnn.module, images[i : i + 1], t[i : i + 1])
+        alone = call(fn, model_for(name, small_cnn), images[i : i + 1], t[i : i + 1])
         torch.testing.assert_close(alone, batch[i : i + 1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in method_configs() if n not in CHUNK_DEPENDENT | {"random"}))
 def test_chunk_size_does_not_change_the_map(name, small_cnn, images):
     t = torch.tensor([1, 1, 0, 2, 4])
-    ref = call(configured(name, chunk_size=1), small_cnn.module, images, t)
+    ref = call(configured(name, chunk_size=1), model_for(name, small_cnn), images, t)
     for chunk in (3, 16):
-        other = call(configured(name, chunk_size=chunk), small_cnn.module, images, t)
+        other = call(configured(name, chunk_size=chunk), model_for(name, small_cnn), images, t)
         # fp32: the same map to 1e-5 of its scale: its largest value, or for occlusion (differences
         # of probabilities, which carry the probabilities' rounding) the probability range, 1.
         scale = 1.0 if name == "occlusion" else float(ref.abs().max())

@@ -94,3 +94,37 @@ def test_explain_with_runs_a_prepared_copy_and_leaves_the_metrics_model_as_it_is
     maps = explainer_with(job)(model, x, t)
     assert isinstance(model[1], nn.BatchNorm2d) and model[0].bias is None  # not folded in place
     torch.testing.assert_close(maps, methods.saliency(model, x, t, chunk_size=4))  # the same function
+
+
+TINY_VIT = [
+    "model=shapes_vit", "data=shapes", "data.num_images=4", "model.input_size=32", "model.dim=32",
+    "model.depth=2", "model.train_images=256", "model.val_images=64", "model.epochs=1",
+    "model.min_accuracy=0",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_attention_methods_sweep_on_the_shapes_transformer(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep"
+    r = harness(
+        "-m", *TINY_VIT, "method=attention_rollout,generic_attention,grad_cam,oracle",
+        "metric=[relevance_mass,deletion]", "device=cpu", f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("shapes_vit: training on 256 generated images") == 1  # once, then cached
+    rows = pd.read_csv(sweep / "summary.csv").set_index("method")
+    assert set(rows.index) == {"attention_rollout", "generic_attention", "grad_cam", "oracle"}
+    assert rows.loc["oracle", "relevance_mass"] == 1.0
+    for name in ("attention_rollout", "generic_attention"):
+        row = json.loads((next(sweep.glob(f"*method={name}*")) / "run.json").read_text())
+        assert row["method.prefix_tokens"] == 1 and row["method.grid"] == [4, 4]  # bound from the model
+        assert row["method_bound_ratio"] > 0 and 0 <= row["relevance_mass"] <= 1
+
+
+def test_an_attention_method_on_a_cnn_is_refused_naming_the_methods_it_can_use(tmp_path):
+    r = harness("model=small_cnn", "method=attention_rollout", "data.num_images=2", "device=cpu",
+                f"hydra.run.dir={tmp_path / 'run'}", "hydra.mode=RUN")  # fmt: skip
+    assert r.returncode != 0
+    assert "method attention_rollout on model small_cnn: SmallCNN shows no attention" in r.stderr
+    assert "methods for it: " in r.stderr and "saliency" in r.stderr

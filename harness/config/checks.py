@@ -33,7 +33,7 @@ from harness.config.errors import HarnessError
 PASSED = {"data": ("size", "mean", "std", "class_names")}
 # Settings of a method or metric that a null (or `auto`) value leaves to the job, which chooses them
 # from the model and the calibration (`harness.job.builder.filled`).
-CHOSEN_BY_JOB = ("chunk_size", "layer", "layout", "blocks", "pixel_range")
+CHOSEN_BY_JOB = ("chunk_size", "layer", "layout", "blocks", "pixel_range", "prefix_tokens", "grid")
 
 
 def bounds(tp: Any) -> Iterator[tuple[str, Any]]:

@@ -112,6 +112,8 @@ def build(
         data = load_data(cfg.data, clf.input_size, clf.mean, clf.std, clf.class_names)
         facts: dict[str, Any] = {"layer": clf.cam_layer, "layout": clf.cam_layout, "blocks": clf.blocks}
         facts["pixel_range"] = clf.pixel_range  # the z-box rule's box (LRP)
+        if clf.tokens is not None:  # a transformer's token layout (the attention methods)
+            facts["prefix_tokens"], facts["grid"] = clf.tokens[0], clf.tokens[1:]
         method, metrics = filled(method, facts), {m: filled(fn, facts) for m, fn in metrics.items()}
         references = None
         if traits.references:  # images held out of the explained ones, bound to the method

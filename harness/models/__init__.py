@@ -21,6 +21,7 @@ from harness.models.custom import custom_classifier
 from harness.models.efficientnet_lite import EfficientNetLite, ReLU6, efficientnet_lite0
 from harness.models.facts import CAM_LAYERS, LAYOUTS, default_blocks, default_cam_layer, model_facts
 from harness.models.shapes import ShapesCNN, shapes_cnn
+from harness.models.shapes_vit import ShapesViT, shapes_vit
 from harness.models.small import SmallCNN, small_cnn
 from harness.models.timm_models import timm_classifier
 from harness.models.torchvision_models import torchvision_classifier
@@ -35,6 +36,7 @@ __all__ = [
     "EfficientNetLite",
     "ReLU6",
     "ShapesCNN",
+    "ShapesViT",
     "SmallCNN",
     "class_names_from",
     "custom_classifier",
@@ -48,6 +50,7 @@ __all__ = [
     "random_or_loaded",
     "seeded",
     "shapes_cnn",
+    "shapes_vit",
     "small_cnn",
     "timm_classifier",
     "torchvision_classifier",

@@ -16,6 +16,7 @@ from annotated_types import Ge, Gt
 from torch import nn
 
 from harness.config import HarnessError, read_listing
+from harness.models.attention import show_attention, token_layout
 from harness.models.weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,6 +52,10 @@ class Classifier:
             checks that re-initialise them; each a module name or a list of names taken together.
         facts: what the builder measured about the model (e.g. a trained model's held-out
             accuracy), carried into the row as `model_<key>`.
+        tokens: a transformer's token layout, `(prefix, rows, columns)`: the tokens before the
+            patches (class token, registers) and the patch grid; None for a CNN. `from_module` makes
+            the attention of torchvision's and timm's ViTs shown (`harness.models.attention`) and
+            reads their layout.
     """
 
     module: nn.Module
@@ -65,6 +70,7 @@ class Classifier:
     seed: int | None = None
     blocks: Blocks = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    tokens: tuple[int, int, int] | None = None
 
     @property
     def pixel_range(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -89,12 +95,15 @@ class Classifier:
         cam_layout: str = "nchw",
         blocks: Any = None,
         facts: dict[str, Any] | None = None,
+        tokens: tuple[int, int, int] | None = None,
     ) -> Classifier:
         """The classifier of a built module: the module in eval mode with no in-place activations,
         its class names (a file's, ImageNet's for 1000 classes, else the indices; or the names
         given), the seed of its random weights kept only when none were loaded (`pretrained`).
         """
         check_finite(module, name)
+        if show_attention(module) and tokens is None:
+            tokens = token_layout(module)
         if class_names is None or isinstance(class_names, str):
             names = class_names_from(class_names, num_classes)
         else:
@@ -112,6 +121,7 @@ class Classifier:
             seed=None if pretrained else seed,
             blocks=plain_blocks(blocks),
             facts=dict(facts or {}),
+            tokens=None if tokens is None else (int(tokens[0]), int(tokens[1]), int(tokens[2])),
         )
 
 

@@ -71,11 +71,12 @@ class ShapesCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def _generator_settings(data: Any) -> dict[str, Any]:
+def generator_settings(data: Any, name: str = "shapes_cnn") -> dict[str, Any]:
+    """The settings of the shapes generator that model `name` trains on (the job's `data` node)."""
     target = data.get("_target_") if hasattr(data, "get") else None
     if target != SHAPES_TARGET:
         raise HarnessError(
-            f"model shapes_cnn is trained on the generated shapes; got data {target!r}: use data=shapes"
+            f"model {name} is trained on the generated shapes; got data {target!r}: use data=shapes"
         )
     keys = ("classes", "distractors", "scale", "seed")
     return {k: (list(data[k]) if k in ("classes", "scale") else data[k]) for k in keys}
@@ -155,23 +156,15 @@ def shapes_cnn(
         cam_layer: the layer that Grad-CAM explains.
         blocks: stages for the sanity checks, in forward order (see `Classifier.blocks`).
     """
-    gen = _generator_settings(data)
+    gen = generator_settings(data)
     settings = {
         "input_size": input_size, "width": width, "train_images": train_images, "val_images": val_images,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
     }  # fmt: skip
     classes = list(gen["classes"])
-    folder = cache_root() / "shapes_cnn" / digest({"data": gen, "model": settings})
     with seeded(seed):
         module = ShapesCNN(len(classes), width)
-    facts = _trained(module, folder, gen, settings)
-    log.info("shapes_cnn: held-out accuracy %.4f", facts["held_out_accuracy"])
-    if facts["held_out_accuracy"] < min_accuracy:
-        raise HarnessError(
-            f"shapes_cnn reached a held-out accuracy of {facts['held_out_accuracy']:.4f} on "
-            f"{facts['held_out_images']} images, below model.min_accuracy={min_accuracy}; train longer "
-            f"(model.epochs, model.train_images) or lower model.min_accuracy (cached in {folder})"
-        )
+    facts = trained_once(module, "shapes_cnn", gen, settings, min_accuracy)
     return Classifier.from_module(
         module, "shapes_cnn", input_size, class_names=classes, num_classes=len(classes), pretrained=True,
         mean=MEAN, std=STD, cam_layer=cam_layer, blocks=blocks,
@@ -179,21 +172,30 @@ def shapes_cnn(
     )  # fmt: skip
 
 
-def _trained(
-    module: nn.Module, folder: Path, gen: dict[str, Any], settings: dict[str, Any]
+def trained_once(
+    module: nn.Module, name: str, gen: dict[str, Any], settings: dict[str, Any], min_accuracy: float
 ) -> dict[str, Any]:
-    """Load the weights cached in `folder` into `module`, or train it there once; the facts of its
-    training.
+    """`module` with the weights cached for model `name` under its settings, trained there once;
+    the facts of its training. A model whose held-out accuracy is below `min_accuracy` is refused.
     """
+    folder = cache_root() / name / digest({"data": gen, "model": settings})
     if (folder / "facts.json").is_file():
         module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-        return dict(json.loads((folder / "facts.json").read_text()))
-    log.info(
-        "shapes_cnn: training on %d generated images (once; cached in %s)", settings["train_images"], folder
-    )
-    with seeded(settings["seed"]):
-        facts = train(module, gen, settings["input_size"], settings, settings["seed"])
-    _save(folder, module, facts | {"data": gen, "model": settings})
+        facts = dict(json.loads((folder / "facts.json").read_text()))
+    else:
+        log.info(
+            "%s: training on %d generated images (once; cached in %s)", name, settings["train_images"], folder
+        )
+        with seeded(settings["seed"]):
+            facts = train(module, gen, settings["input_size"], settings, settings["seed"])
+        _save(folder, module, facts | {"data": gen, "model": settings})
+    log.info("%s: held-out accuracy %.4f", name, facts["held_out_accuracy"])
+    if facts["held_out_accuracy"] < min_accuracy:
+        raise HarnessError(
+            f"{name} reached a held-out accuracy of {facts['held_out_accuracy']:.4f} on "
+            f"{facts['held_out_images']} images, below model.min_accuracy={min_accuracy}; train longer "
+            f"(model.epochs, model.train_images) or lower model.min_accuracy (cached in {folder})"
+        )
     return facts
 
 

@@ -119,9 +119,9 @@ class _Bounds:
         if len(self.loops) > 1:
             pair = self.loops[-2:]
             per_image = {k: min(loop[k] for loop in pair if k in loop) for k in self.kinds}
-            t = self.timing
-            bound = (t.forwards + t.noted_forwards) * per_image.get("forward", 0.0)
-            bound += (t.backwards + t.noted_backwards) * per_image.get("forward_backward", 0.0)
+            tm = self.timing
+            bound = (tm.forwards + tm.noted_forwards) * per_image.get("forward", 0.0)
+            bound += (tm.backwards + tm.noted_backwards) * per_image.get("forward_backward", 0.0)
             self.timing.bounds_ms += [bound] * self.stretch
             self.stretch = 0
 

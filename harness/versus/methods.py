@@ -158,11 +158,11 @@ def zennit_lite_canonizer() -> Any:
 
         def register(self, linears: Any, batch_norm: torch.nn.Module) -> None:
             super().register(linears, batch_norm)
-            self.eps = batch_norm.eps
-            batch_norm.eps = 0.0
+            self.eps = float(getattr(batch_norm, "eps"))  # noqa: B009
+            setattr(batch_norm, "eps", 0.0)  # noqa: B010
 
         def remove(self) -> None:
-            self.batch_norm.eps = self.eps
+            setattr(self.batch_norm, "eps", self.eps)  # noqa: B010
             super().remove()
 
         def apply(self, root_module: torch.nn.Module) -> list[Any]:

@@ -1,0 +1,215 @@
+"""Methods that read a vision transformer's attention: attention rollout (Abnar and Zuidema 2020,
+arXiv:2005.00928) and Chefer et al.'s gradient-weighted rollout (2021, "Generic attention-model
+explainability", arXiv:2103.15679).
+
+A transformer shows its attention by passing each block's probabilities, `[B, heads, N, N]` after the
+softmax, through an `AttentionProbs` module: the harness's `shapes_vit` does so in its own forward,
+and the harness rewrites torchvision's and timm's ViT attention to (`harness.models.attention`).
+`captured` reads every block's in one forward, and the methods take the target logit's gradient with
+respect to them in the same graph, so the logits are the model's own.
+
+Tokens: `prefix_tokens` (the class token, and registers or a distillation token) come first, then the
+patch grid, row by row; a map is the class token's row over the patch tokens, on the grid (`grid`, or
+the square the token count makes), upsampled to the image bilinearly as the CAMs are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Literal
+
+import torch
+from annotated_types import Ge, Lt
+from captum.attr import LayerAttribution
+from torch import nn
+
+from methods.common import Count, chunked, method
+
+
+class AttentionProbs(nn.Identity):
+    """Where a transformer block's attention probabilities pass, `[B, heads, N, N]` (each row sums to
+    one): the identity, marking them for `captured`.
+    """
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether the model passes its attention through `AttentionProbs` modules."""
+    return any(isinstance(m, AttentionProbs) for m in model.modules())
+
+
+def check_attention(model: nn.Module, probe: torch.Tensor) -> None:  # noqa: ARG001
+    """Raise `ValueError` for a model that shows no attention, naming the methods it can use."""
+    if has_attention(model):
+        return
+    import methods
+
+    usable = sorted(
+        name
+        for name in methods.__all__
+        if hasattr(getattr(methods, name), "traits")
+        and not methods.traits_of(getattr(methods, name)).attention
+    )
+    raise ValueError(
+        f"{type(model).__name__} shows no attention (no methods.transformer.AttentionProbs module: the "
+        "harness's shapes_vit and torchvision's and timm's ViTs have them); methods for it: "
+        + ", ".join(usable)
+    )
+
+
+@contextmanager
+def captured(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Every block's attention probabilities of the forwards inside the block, in call order (with
+    autograd, when it records); the hooks are always removed.
+    """
+    seen: list[torch.Tensor] = []
+
+    def keep(_m: nn.Module, _a: tuple, out: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not out.requires_grad:  # attention that no input moves: still
+            out = out.detach().requires_grad_(True)  # a node of the graph, for the logits' gradient
+        seen.append(out)
+        return out
+
+    hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, AttentionProbs)]
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _patch_map(
+    rows: torch.Tensor, prefix: int, grid: tuple[int, int] | None, size: tuple[int, int]
+) -> torch.Tensor:
+    """The class token's rows `[B, N]` over the patch tokens, as `[B, 1, H, W]` maps."""
+    patches = rows[:, prefix:]
+    if grid is None:
+        side = round(patches.shape[1] ** 0.5)
+        if side * side != patches.shape[1]:
+            raise ValueError(
+                f"{patches.shape[1]} patch tokens after {prefix} prefix tokens make no square grid; "
+                "give grid=(rows, columns)"
+            )
+        grid = (side, side)
+    if grid[0] * grid[1] != patches.shape[1]:
+        raise ValueError(
+            f"grid={tuple(grid)} holds {grid[0] * grid[1]} patches; the model has {patches.shape[1]}"
+        )
+    maps = patches.reshape(len(rows), 1, *grid)
+    return LayerAttribution.interpolate(maps, size, interpolate_mode="bilinear")
+
+
+def _fused(probs: torch.Tensor, head_fusion: str) -> torch.Tensor:
+    if head_fusion == "mean":
+        return probs.mean(dim=1)
+    if head_fusion == "max":
+        return probs.amax(dim=1)
+    return probs.amin(dim=1)
+
+
+HeadFusion = Literal["mean", "max", "min"]
+
+
+@method(attention=True, forward_only=True, check_model=check_attention)
+def attention_rollout(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, head_fusion: HeadFusion = "mean",
+    discard_ratio: Annotated[float, Ge(0), Lt(1)] = 0.0, prefix_tokens: Annotated[int, Ge(0)] | None = None,
+    grid: tuple[int, int] | None = None, chunk_size: Count = 64,
+) -> torch.Tensor:  # fmt: skip
+    """Attention rollout: each block's attention fused over heads (`head_fusion`), its smallest
+    `discard_ratio` share of entries set to zero (never the class token's own), mixed half and half
+    with the identity for the residual path and renormalised by row, then multiplied through the
+    blocks, `R = A_L ... A_1`; the map is the class token's row of `R` over the patches. The target
+    is not read (rollout explains the class token, whatever the class). `[B, 1, H, W]`.
+
+    Args:
+        model: a transformer that shows its attention (`AttentionProbs`).
+        inputs: `[B, C, H, W]` images.
+        target: `[B]` classes (unused).
+        head_fusion: `mean`, `max` or `min` over the heads.
+        discard_ratio: share of each block's fused entries, the smallest, set to zero (Abnar and
+            Zuidema keep all; jacobgil's vit-explain discards, e.g. 0.9).
+        prefix_tokens: tokens before the patches (class token, registers); None: 1 (the job binds the
+            model's).
+        grid: the patch grid `(rows, columns)`; None: the square the patch tokens make.
+        chunk_size: images per forward.
+    """
+
+    def rollout(x: torch.Tensor, _t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), captured(model) as seen:
+            model(x)
+        if not seen:
+            raise ValueError(f"{type(model).__name__} passed no attention through an AttentionProbs module")
+        # Only the class token's row of R is read: e0' A_L ... A_1, a row times each block's matrix
+        # from the last block down (N^2 a block, not the N^3 of the matrix product).
+        row = None
+        for probs in reversed(seen):
+            a = _fused(probs, head_fusion)
+            if discard_ratio > 0:
+                a = _discarded(a, discard_ratio)
+            a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # halves cancel in the norm
+            a = a / a.sum(dim=-1, keepdim=True)
+            row = a[:, 0] if row is None else (row[:, None] @ a)[:, 0]
+        assert row is not None
+        return _patch_map(
+            row, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
+        )
+
+    return chunked(rollout, inputs, target, chunk_size)
+
+
+def _discarded(a: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`a` `[B, N, N]` with the `ratio` share of each image's smallest entries set to zero, the class
+    token's attention to itself (entry 0) excepted.
+    """
+    flat = a.flatten(1).clone()
+    k = int(flat.shape[1] * ratio)
+    if k == 0:
+        return a
+    order = flat[:, 1:].argsort(dim=1, stable=True)[:, :k] + 1  # entry 0 never discarded
+    flat.scatter_(1, order, 0.0)
+    return flat.view_as(a)
+
+
+@method(attention=True, check_model=check_attention)
+def generic_attention(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *,
+    prefix_tokens: Annotated[int, Ge(0)] | None = None, grid: tuple[int, int] | None = None,
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """Chefer et al.'s gradient-weighted rollout for self-attention (2021, eq. 5-6): each block's
+    attention times the target logit's gradient with respect to it, its positive part averaged over
+    the heads, `Ā = E_h[(∇A ⊙ A)^+]`, accumulated as `R ← R + Ā R` from `R = I`; the map is the class
+    token's row over the patches. One forward and one backward. `[B, 1, H, W]`.
+
+    Args:
+        model: a transformer that shows its attention (`AttentionProbs`).
+        inputs: `[B, C, H, W]` images.
+        target: `[B]` classes.
+        prefix_tokens: tokens before the patches; None: 1 (the job binds the model's).
+        grid: the patch grid `(rows, columns)`; None: the square the patch tokens make.
+        chunk_size: images per forward and backward.
+    """
+
+    def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad(), captured(model) as seen:
+            logits = model(x)
+            if not seen:
+                raise ValueError(
+                    f"{type(model).__name__} passed no attention through an AttentionProbs module"
+                )
+            grads = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), seen)
+        # The class token's row of R = (I + A_L) ... (I + A_1), from the last block down.
+        row = None
+        for probs, grad in zip(reversed(seen), reversed(grads), strict=True):
+            a = (grad * probs.detach()).clamp(min=0).mean(dim=1)
+            if row is None:
+                row = a[:, 0] + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)[0]
+            else:
+                row = row + (row[:, None] @ a)[:, 0]
+        assert row is not None
+        return _patch_map(
+            row, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
+        )
+
+    return chunked(relevance, inputs, target, chunk_size)

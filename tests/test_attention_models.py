@@ -1,0 +1,95 @@
+"""Torchvision's and timm's ViTs with their attention shown (harness.models.attention): the same
+logits and state as the fused layers, every block's probabilities captured, and every attention method
+run on the harness's builds (random weights, small inputs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import methods
+from harness.models import torchvision_classifier
+from harness.models.attention import ShownMultiheadAttention, show_attention, token_layout
+from methods.transformer import captured
+
+ATTENTION_METHODS = [
+    name
+    for name in methods.__all__
+    if hasattr(getattr(methods, name), "traits") and methods.traits_of(getattr(methods, name)).attention
+]
+
+
+def _small_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=5
+    ).eval()
+
+
+def test_shown_attention_keeps_torchvisions_logits_and_state():
+    fused = _small_vit()
+    shown = copy.deepcopy(fused)
+    assert show_attention(shown) == 2 and show_attention(shown) == 2  # idempotent
+    assert all(type(b.self_attention) is ShownMultiheadAttention for b in shown.encoder.layers)
+    assert list(shown.state_dict()) == list(fused.state_dict())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), captured(shown) as seen:
+        got = shown(x)
+        expected = fused(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert [p.shape for p in seen] == [(3, 4, 17, 17)] * 2
+    assert token_layout(shown) == (1, 4, 4)
+
+
+def test_shown_attention_refuses_what_it_does_not_compute():
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    show_attention(mha)
+    q = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="self-attention"):
+        mha(q, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="unmasked"):
+        mha(q, q, q, attn_mask=torch.zeros(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("name", ATTENTION_METHODS)
+def test_every_attention_method_runs_on_torchvisions_vit_b_16(name):
+    clf = torchvision_classifier("vit_b_16", input_size=32, num_classes=10)
+    assert clf.tokens == (1, 2, 2)
+    nn.init.normal_(clf.module.heads.head.weight)  # torchvision starts it at zero: no logit would move
+    fn = getattr(methods, name)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    maps = fn(clf.module, x, t, prefix_tokens=clf.tokens[0], grid=clf.tokens[1:])
+    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_every_attention_method_runs_on_timms_vit_and_deit(arch):
+    pytest.importorskip("timm")
+    from harness.models import timm_classifier
+
+    clf = timm_classifier(arch, input_size=32, num_classes=10)
+    prefix = 2 if "distilled" in arch else 1  # DeiT's distillation token comes after the class token
+    assert clf.tokens == (prefix, 2, 2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    with torch.no_grad(), captured(clf.module) as seen:
+        clf.module(x)
+    assert len(seen) == 12 and seen[0].shape == (2, 3, 4 + prefix, 4 + prefix)
+    for name in ATTENTION_METHODS:
+        maps = getattr(methods, name)(clf.module, x, t, prefix_tokens=clf.tokens[0], grid=clf.tokens[1:])
+        assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all(), name
+
+
+def test_timms_shown_attention_keeps_its_logits():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fused = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5).eval()
+    shown = copy.deepcopy(fused)
+    assert show_attention(shown) == 12
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(shown(x), fused(x), rtol=0, atol=1e-5)
