@@ -19,7 +19,7 @@ from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
 from methods.path_ig import blur_ig, guided_ig
 from methods.perturbation import occlusion, rise
 from methods.surrogate import kernel_shap, lime
-from methods.transformer import attention_rollout, generic_attention
+from methods.transformer import attention_rollout, generic_attention, legrad
 
 __all__ = [
     "MethodTraits",
@@ -43,6 +43,7 @@ __all__ = [
     "kernel_shap",
     "integrated_gradients",
     "layer_cam",
+    "legrad",
     "lime",
     "lrp",
     "method",

@@ -1,6 +1,6 @@
 """Methods that read a vision transformer's attention: attention rollout (Abnar and Zuidema 2020,
-arXiv:2005.00928) and Chefer et al.'s gradient-weighted rollout (2021, "Generic attention-model
-explainability", arXiv:2103.15679).
+arXiv:2005.00928), Chefer et al.'s gradient-weighted rollout (2021, "Generic attention-model
+explainability", arXiv:2103.15679) and LeGrad (Bousselham et al. 2024, arXiv:2404.03214).
 
 A transformer shows its attention by passing each block's probabilities, `[B, heads, N, N]` after the
 softmax, through an `AttentionProbs` module: the harness's `shapes_vit` does so in its own forward,
@@ -210,6 +210,96 @@ def generic_attention(
         assert row is not None
         return _patch_map(
             row, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
+        )
+
+    return chunked(relevance, inputs, target, chunk_size)
+
+
+def _attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """The block that holds each attention (the module two levels above its `AttentionProbs`: a
+    block's attention layer, then the block), in the order the modules were assigned.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, AttentionProbs)]
+    if any(n.count(".") < 2 for n in names):
+        raise ValueError(
+            "legrad reads the tokens of the block around each attention (block.attention.probs); "
+            f"{type(model).__name__}'s AttentionProbs sit at {', '.join(names)}"
+        )
+    return [model.get_submodule(n.rsplit(".", 2)[0]) for n in names]
+
+
+def _readout(model: nn.Module, names: list[str] | None) -> nn.Sequential:
+    """The modules that map a pooled token to the logits: `names`, or torchvision's ViT's final norm
+    and heads, or a model's `norm` (`fc_norm`) and `head` (shapes_vit, timm).
+    """
+    if names is None:
+        if isinstance(getattr(getattr(model, "encoder", None), "ln", None), nn.Module) and hasattr(
+            model, "heads"
+        ):
+            names = ["encoder.ln", "heads"]
+        elif isinstance(getattr(model, "head", None), nn.Module) and isinstance(
+            getattr(model, "norm", None), nn.Module
+        ):
+            names = [
+                "norm",
+                *(["fc_norm"] if isinstance(getattr(model, "fc_norm", None), nn.Module) else []),
+                "head",
+            ]
+        else:
+            raise ValueError(
+                f"legrad: {type(model).__name__} has no final norm and head it knows (encoder.ln and "
+                "heads, or norm and head); give readout=[the modules from a pooled token to the logits]"
+            )
+    return nn.Sequential(*(model.get_submodule(n) for n in names))
+
+
+@method(attention=True, check_model=check_attention)
+def legrad(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, layers: Count | None = None,
+    pool: Literal["mean", "cls"] = "mean", readout: list[str] | None = None,
+    prefix_tokens: Annotated[int, Ge(0)] | None = None, grid: tuple[int, int] | None = None,
+    chunk_size: Count = 16,
+) -> torch.Tensor:  # fmt: skip
+    """LeGrad (Bousselham et al. 2024, arXiv:2404.03214, as torchcam 0.5 computes it): for each of the
+    last `layers` blocks, the target's score read from that block's tokens (pooled by `pool`, through
+    the model's final norm and head, `readout`), its gradient with respect to the block's attention
+    probabilities, the positive part averaged over heads and queries; the blocks' maps averaged. The
+    attention itself is not multiplied in: a patch counts by how its token would move the score,
+    wherever the class token looks. One forward and a short backward per block. `[B, 1, H, W]`.
+
+    Args:
+        model: a transformer that shows its attention (`AttentionProbs`), each inside a block.
+        inputs: `[B, C, H, W]` images.
+        target: `[B]` classes.
+        layers: the last blocks to read; None: every block.
+        pool: `mean` of a block's tokens (torchcam's) or its class token (`cls`).
+        readout: module names from a pooled token to the logits; None: the model's final norm and
+            head (torchvision's ViT: `encoder.ln`, `heads`; shapes_vit and timm: `norm`, `head`).
+        prefix_tokens: tokens before the patches; None: 1 (the job binds the model's).
+        grid: the patch grid `(rows, columns)`; None: the square the patch tokens make.
+        chunk_size: images per forward and backward.
+    """
+    project, blocks = _readout(model, readout), _attention_blocks(model)
+
+    def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        outs: list[torch.Tensor] = []
+        hooks = [b.register_forward_hook(lambda _m, _a, out: outs.append(out)) for b in blocks]
+        try:
+            with torch.enable_grad(), captured(model) as seen:
+                model(x)
+                k = len(seen) if layers is None else min(layers, len(seen))
+                maps = []
+                for out, probs in zip(outs[-k:], seen[-k:], strict=True):
+                    pooled = out.mean(dim=1) if pool == "mean" else out[:, 0]
+                    score = project(pooled).gather(1, t[:, None]).sum()
+                    (g,) = torch.autograd.grad(score, probs, retain_graph=True)
+                    maps.append(g.clamp(min=0).mean(dim=(1, 2)))
+        finally:
+            for h in hooks:
+                h.remove()
+        rows = torch.stack(maps).mean(dim=0)
+        return _patch_map(
+            rows, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
         )
 
     return chunked(relevance, inputs, target, chunk_size)

@@ -93,3 +93,26 @@ def test_timms_shown_attention_keeps_its_logits():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(shown(x), fused(x), rtol=0, atol=1e-5)
+
+
+def test_legrad_equals_torchcams_on_torchvisions_vit_b_16():
+    from torchcam.methods import LeGrad
+
+    torch.manual_seed(0)
+    plain = torchvision.models.vit_b_16(weights=None, image_size=32, num_classes=10).eval()
+    nn.init.normal_(plain.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    shown = copy.deepcopy(plain)
+    show_attention(shown)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), [4, 9]
+    with LeGrad(plain, list(plain.encoder.layers)) as extractor:
+        scores = plain(x)
+        expected = extractor(t, scores, normalized=False)[0]  # [B, 2, 2]
+    got = methods.legrad(shown, x, torch.tensor(t), prefix_tokens=1, grid=(2, 2))
+    on_image = nn.functional.interpolate(expected[:, None], size=(32, 32), mode="bilinear")
+    torch.testing.assert_close(got, on_image, rtol=0, atol=1e-5 * float(on_image.abs().max()))
+    # The last 4 blocks only, as torchcam's example takes them.
+    with LeGrad(plain, list(plain.encoder.layers)[-4:]) as extractor:
+        expected = extractor(t, plain(x), normalized=False)[0]
+    got = methods.legrad(shown, x, torch.tensor(t), layers=4, prefix_tokens=1, grid=(2, 2))
+    on_image = nn.functional.interpolate(expected[:, None], size=(32, 32), mode="bilinear")
+    torch.testing.assert_close(got, on_image, rtol=0, atol=1e-5 * float(on_image.abs().max()))

@@ -98,14 +98,18 @@ def test_declared_traits_hold(name, small_cnn, images):
         if out.requires_grad:  # fires only when something backpropagates through the logits
             out.register_hook(lambda grad: backwards.append(1))
 
-    handle = model_for(name, small_cnn).register_forward_hook(count_backward)
+    model = model_for(name, small_cnn)
+    # LeGrad backpropagates from each block's own score, not through the logits: its blocks' outputs too.
+    watched = [model, *(m for m in model.modules() if type(m).__name__ == "Block")]
+    handles = [m.register_forward_hook(count_backward) for m in watched]
     try:
         first, second = (
             call(fn, model_for(name, small_cnn), images, t, seed=0),
             call(fn, model_for(name, small_cnn), images, t, seed=1),
         )
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     assert traits.forward_only == (not backwards), name
     if not traits.stochastic:
         torch.testing.assert_close(first, second, rtol=0, atol=0)

@@ -200,3 +200,60 @@ def test_discarding_zeroes_the_smallest_entries_but_the_class_tokens_own():
     torch.testing.assert_close(
         _discarded(torch.tensor([[[0.0, 0.5], [0.2, 0.3]]]), 0.5), torch.tensor([[[0.0, 0.5], [0.0, 0.0]]])
     )
+
+
+class _Look(nn.Module):
+    """One block in which the class token attends to one patch only (every other score masked), each
+    patch's token its mean brightness; the logits read the class token through `norm` and `head`.
+    """
+
+    def __init__(self, patch: int, grid: int = 4) -> None:
+        super().__init__()
+        self.patch, self.grid = patch, grid
+        self.blocks = nn.Sequential(_LookBlock(patch, grid))
+        self.norm, self.head = nn.Identity(), nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        patches = nn.functional.avg_pool2d(x.mean(1, keepdim=True), x.shape[-1] // self.grid).flatten(1)
+        tokens = torch.cat([torch.zeros(len(x), 1), patches], dim=1)[..., None]  # [B, N, 1]
+        return self.head(self.norm(self.blocks(tokens)[:, 0]))
+
+
+class _LookBlock(nn.Module):
+    def __init__(self, patch: int, grid: int) -> None:
+        super().__init__()
+        self.attn = _LookAttention(patch, grid)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return tokens + self.attn(tokens)
+
+
+class _LookAttention(nn.Module):
+    def __init__(self, patch: int, grid: int) -> None:
+        super().__init__()
+        self.patch, self.n = patch, 1 + grid * grid
+        self.probs = AttentionProbs()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        scores = torch.zeros(len(tokens), 1, self.n, self.n)
+        scores[:, :, 0, :] = -1e9
+        scores[:, :, 0, 1 + self.patch] = 0.0  # the class token sees one patch; the others see all
+        return (self.probs(scores.softmax(-1)) @ tokens[:, None]).squeeze(1)
+
+
+def test_legrad_ranks_the_patches_by_their_tokens_not_by_where_the_class_token_looks():
+    """Rollout and Chefer's method follow the class token's attention to patch 12; LeGrad, which does
+    not multiply the attention in, ranks the patches by how their tokens would move the score: the
+    brightest, patch 3, wherever the class token looks.
+    """
+    x = torch.full((1, 3, 16, 16), 0.5)
+    x[..., 0:4, 12:16] = 2.0  # patch 3 (row 0, column 3) the brightest
+    model, t = _Look(12), torch.tensor([0])
+    for fn, peak in ((attention_rollout, 12), (generic_attention, 12), (methods.legrad, 3)):
+        maps = fn(model, x, t, grid=(4, 4))
+        assert int(nn.functional.adaptive_avg_pool2d(maps, 4).flatten(1).argmax(1)) == peak, fn.__name__
+    for pool in ("mean", "cls"):
+        maps = methods.legrad(model, x, t, grid=(4, 4), pool=pool)
+        assert int(nn.functional.adaptive_avg_pool2d(maps, 4).flatten(1).argmax(1)) == 3
