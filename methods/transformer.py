@@ -79,9 +79,12 @@ def captured(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def _patch_map(
-    rows: torch.Tensor, prefix: int, grid: tuple[int, int] | None, size: tuple[int, int]
+    rows: torch.Tensor, prefix_tokens: int | None, grid: tuple[int, int] | None, x: torch.Tensor
 ) -> torch.Tensor:
-    """The class token's rows `[B, N]` over the patch tokens, as `[B, 1, H, W]` maps."""
+    """The rows `[B, N]` over the patch tokens (after `prefix_tokens`, None: 1), as maps the size of
+    the images `x`: `[B, 1, H, W]`.
+    """
+    prefix, size = 1 if prefix_tokens is None else prefix_tokens, (int(x.shape[2]), int(x.shape[3]))
     patches = rows[:, prefix:]
     if grid is None:
         side = round(patches.shape[1] ** 0.5)
@@ -151,9 +154,7 @@ def attention_rollout(
             a = a / a.sum(dim=-1, keepdim=True)
             row = a[:, 0] if row is None else (row[:, None] @ a)[:, 0]
         assert row is not None
-        return _patch_map(
-            row, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
-        )
+        return _patch_map(row, prefix_tokens, grid, x)
 
     return chunked(rollout, inputs, target, chunk_size)
 
@@ -208,9 +209,7 @@ def generic_attention(
             else:
                 row = row + (row[:, None] @ a)[:, 0]
         assert row is not None
-        return _patch_map(
-            row, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
-        )
+        return _patch_map(row, prefix_tokens, grid, x)
 
     return chunked(relevance, inputs, target, chunk_size)
 
@@ -298,8 +297,6 @@ def legrad(
             for h in hooks:
                 h.remove()
         rows = torch.stack(maps).mean(dim=0)
-        return _patch_map(
-            rows, 1 if prefix_tokens is None else prefix_tokens, grid, (int(x.shape[2]), int(x.shape[3]))
-        )
+        return _patch_map(rows, prefix_tokens, grid, x)
 
     return chunked(relevance, inputs, target, chunk_size)
