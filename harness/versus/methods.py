@@ -1,5 +1,5 @@
-"""LIME, KernelSHAP, Guided IG, Blur IG and LRP against the libraries that define them, side by side on
-one machine.
+"""LIME, KernelSHAP, Guided IG, Blur IG, LRP and LeGrad against the libraries that define them, side by
+side on one machine.
 
 `python -m harness.versus.methods --out results/published/<machine>` times, on EfficientNet-Lite0 at
 224x224 and the sample photos:
@@ -13,6 +13,7 @@ one machine.
 - LRP (EpsilonPlusFlat) against zennit's own: its `Gradient` attributor with the same composite, and
   EfficientNet-Lite's residual sums and global mean made zennit `Sum` and pooling layers by a
   canonizer (`zennit_lite_canonizer`), the way zennit's ResNet canonizer rewrites torchvision's blocks.
+- LeGrad against torchcam's, on torchvision's ViT-B/16 at 224 with random weights (`legrad`).
 - The model alone (`ceilings`): its forward, and its forward+backward, on the eight photos at batch 1
   against ours: the most any method whose work is the model's passes can win by batching them.
 
@@ -44,7 +45,7 @@ from methods.surrogate import regions
 
 log = logging.getLogger("harness")
 SETTING = "efficientnet_lite0@224"
-COMPARISONS = ("surrogates", "paths", "lrp", "ceilings")
+COMPARISONS = ("surrogates", "paths", "lrp", "legrad", "ceilings")
 
 
 def surrogates(
@@ -203,6 +204,38 @@ def lrp(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[
     return [_row("lrp (epsilon_plus_flat)", images, best_of(calls, device, repeats))]
 
 
+def legrad(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[str, Any]]:
+    """LeGrad, ours and torchcam's, over every block of torchvision's ViT-B/16 at 224 (random weights,
+    its zero-initialised head drawn anew: no ViT weights ship offline) on `images` photos.
+    """
+    import copy
+
+    import torchvision
+    from torchcam.methods import LeGrad
+
+    from harness.models.attention import show_attention
+
+    torch.manual_seed(0)
+    plain = torchvision.models.vit_b_16(weights=None).eval().to(device)
+    torch.nn.init.normal_(plain.heads.head.weight, std=0.02)
+    shown = copy.deepcopy(plain)
+    show_attention(shown)
+    x = s.x[:images].contiguous()
+    with torch.no_grad():
+        t = plain(x).argmax(1)
+
+    def torchcam() -> torch.Tensor:
+        with LeGrad(plain, list(plain.encoder.layers)) as extractor:
+            return extractor(t.tolist(), plain(x), normalized=False)[0]
+
+    calls = {
+        "ours": lambda: methods.legrad(shown, x, t, prefix_tokens=1, grid=(14, 14), chunk_size=images),
+        "torchcam": torchcam,
+    }
+    log.info("legrad on %d photo(s), ViT-B/16", images)
+    return [_row("legrad (vit_b_16, 12 blocks)", images, best_of(calls, device, repeats))]
+
+
 def ceilings(s: Setup, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """The model alone on the eight photos, as the libraries run it (batch 1, the model as a user
     passes it) and as ours does (its calibrated batch sizes, BatchNorm folded): the most that batching
@@ -259,12 +292,14 @@ def main(argv: list[str] | None = None) -> None:
         rows += paths(s, device, args.repeats, args.images)
     if "lrp" in args.only:
         rows += lrp(s, device, args.repeats, len(s.x))
+    if "legrad" in args.only:
+        rows += legrad(s, device, args.repeats, args.images)
     if "ceilings" in args.only:
         rows += ceilings(s, device, args.repeats)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     title = (
-        "# LIME, KernelSHAP, Guided IG, Blur IG and LRP against their libraries "
+        "# Methods against the libraries that define them "
         f"({machine_id()}, {args.device}, {SETTING})"
     )
     write(args.out, "versus_methods", title, table, args.repeats, s)
