@@ -410,7 +410,9 @@ class _Passed(torch.autograd.Function):
 
 
 class _Normed(torch.autograd.Function):
-    """An average pooling whose relevance each value gets by its share (zennit's `Norm`): `x * J^T(R / z)`."""
+    """An average pooling (or a mean) whose relevance each value gets by its share (zennit's `Norm`):
+    `x * J^T(R / z)`, not the gradient's even share, which would hand relevance to values of zero.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -460,33 +462,6 @@ class _BranchSum(torch.autograd.Function):
         share = relevance / _stabilised(z)
         rb = b * share
         return _reduced(a * share, a), _reduced(-rb if ctx.flip else rb, b), None
-
-
-class _NormMean(torch.autograd.Function):
-    """`x.mean(dims)` whose backward gives each value its share of the mean, as zennit's `Norm` rule
-    does for an average pooling layer: `x * R / (N * mean)`, not the gradient's even `R / N` (which
-    would hand relevance to values of zero, where the rules below can only lose it).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dims: tuple[int, ...], keepdim: bool) -> torch.Tensor:
-        z = x.mean(dims, keepdim=True)
-        ctx.save_for_backward(x, z)
-        ctx.dims, ctx.keepdim = dims, keepdim
-        return z if keepdim else z.squeeze(dims)
-
-    @staticmethod
-    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        x, z = ctx.saved_tensors
-        r = relevance if ctx.keepdim else _unsqueezed(relevance, ctx.dims)
-        n = x.numel() // z.numel()
-        return x * (r / (n * _stabilised(z))), None, None
-
-
-def _unsqueezed(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    for d in sorted(dims):
-        t = t.unsqueeze(d)
-    return t
 
 
 def _stabilised(z: torch.Tensor, by: float = STABILIZER) -> torch.Tensor:
@@ -559,7 +534,7 @@ class _Branches(Following):
     """Follows what depends on the input through the forward, and gives each call its LRP rule:
     a convolution or linear layer in `layers` (by its weight) its layer's rule through `_Relevant`,
     a BatchNorm merged into one (by its running mean, in `merged`) the identity, an activation or
-    another BatchNorm `_Passed`, an average pooling `_Normed`, a mean `_NormMean`, the sum of two
+    another BatchNorm `_Passed`, an average pooling or a mean `_Normed`, the sum of two
     dependent tensors `_BranchSum`; anything else its gradient. `layers=None` only checks: it raises
     `NotHandled` at a product of two dependent tensors, or a normalisation of one, naming it and
     `where()` it happened.
@@ -640,8 +615,9 @@ class _Branches(Following):
         if func in _AVG_POOLS:
             return _Normed.apply(first, func, args[1:], kwargs)
         mean = _mean_dims(args, kwargs) if func in _MEANS else None
-        if mean is not None:
-            return _NormMean.apply(*mean)
+        if mean is not None:  # a global pool written as a mean: average pooling's rule
+            x, dims, keepdim = mean
+            return _Normed.apply(x, torch.mean, (dims,), {"keepdim": keepdim})
         if n > 1 and func in _ADDITIONS and len(args) == 2 and not kwargs:
             # In place (`out += x`) too: the sum is a new tensor, which the model's `out = out + x` names.
             name = call_name(func)
