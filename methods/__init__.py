@@ -1,5 +1,6 @@
 """Attribution methods: `(model, inputs, target, *, params) -> [B, 1 or C, H, W]` on the inputs' device."""
 
+from methods.attn_lrp import attn_lrp
 from methods.baselines import oracle, random
 from methods.cam import grad_cam, grad_cam_plus_plus, guided_grad_cam, hires_cam, layer_cam, xgrad_cam
 from methods.cam_forward import ablation_cam, eigen_cam, score_cam
@@ -25,6 +26,7 @@ __all__ = [
     "MethodTraits",
     "ablation_cam",
     "attention_rollout",
+    "attn_lrp",
     "blur_ig",
     "deeplift",
     "deeplift_shap",

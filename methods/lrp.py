@@ -6,10 +6,10 @@ The relevance of the target logit, `R = f_t(x)`, flows back layer by layer, each
 its composite gives its type (`COMPOSITES`). The rules act on the functions the model calls, in one
 torch function mode (`_Branches`) around one forward, and in its backward:
 
-- a convolution or linear layer gets its rule (`_Rule`: epsilon, z+, flat, gamma, z-box,
+- a convolution or linear layer gets its rule (`Rule`: epsilon, z+, flat, gamma, z-box,
   alpha-beta; zennit's `BasicHook` passes written out), with the BatchNorm that follows it merged
   in (zennit's `SequentialMergeBatchNorm`: by the order the modules were assigned, checked against
-  the model's logits once per model); its other weights are made once per call (`_Layer.part`),
+  the model's logits once per model); its other weights are made once per call (`Layer.part`),
   a pass of an input's negative part runs only where the input has a negative value, and the
   rule's transposed passes run the convolution's input gradient directly, without a forward;
 - an activation passes the relevance through (zennit's `Pass`), as does a BatchNorm not merged;
@@ -60,6 +60,7 @@ COMPOSITES = {
     "epsilon": "epsilon for every convolution and linear layer (Captum's LRP default)",
 }
 STABILIZER = 1e-6  # zennit's, for every rule but epsilon's own
+GRADIENT_STABILIZER = 1e-10  # lxt's, dividing relevance by a layer's input back into a gradient
 
 _T = torch.Tensor
 _ADDITIONS = frozenset({
@@ -103,7 +104,7 @@ _Fwd = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tenso
 
 
 @dataclass
-class _Rule:
+class Rule:
     """A layer's rule, by name (`epsilon`, `z_plus`, `flat`, `gamma`, `z_box`, `alpha_beta`), with
     its parameters; `apply` propagates relevance through one call of the layer.
     """
@@ -122,7 +123,7 @@ class _Rule:
         return self.name in ("epsilon", "gamma", "z_box")
 
     def apply(
-        self, layer: _Layer, x: torch.Tensor, y: torch.Tensor | None, relevance: torch.Tensor, f: _Fwd,
+        self, layer: Layer, x: torch.Tensor, y: torch.Tensor | None, relevance: torch.Tensor, f: _Fwd,
         vjp: _Vjp, inside: torch.Tensor | None = None, non_negative: bool = False,
     ) -> torch.Tensor:  # fmt: skip
         """The relevance of `x`; `inside` is one where `x` is the layer's input and zero where it is
@@ -132,17 +133,17 @@ class _Rule:
         w = layer.weight
         if self.name == "epsilon":
             assert y is not None
-            return x * vjp(w, relevance / _stabilised(y, self.epsilon))
+            return x * vjp(w, relevance / stabilised(y, self.epsilon))
         if self.name == "flat":  # every weight one, the input all ones, no bias; not times the input
             ones, given = layer.w("ones"), torch.ones_like(x) if inside is None else inside
-            return vjp(ones, relevance / _stabilised(f(given, ones, None)))
+            return vjp(ones, relevance / stabilised(f(given, ones, None)))
         if self.name == "z_box":
             assert y is not None and self.low is not None and self.high is not None
             low, high = self.low.expand_as(x), self.high.expand_as(x)
             if inside is not None:
                 low, high = low * inside, high * inside
             wp, wn = layer.w("+"), layer.w("-")
-            g = relevance / _stabilised(y - f(low, wp, layer.b("+")) - f(high, wn, layer.b("-")))
+            g = relevance / stabilised(y - f(low, wp, layer.b("+")) - f(high, wn, layer.b("-")))
             return x * vjp(w, g) - low * vjp(wp, g) - high * vjp(wn, g)
         # z+, gamma and alpha-beta: weights (and bias) by the sign of the contribution; the passes of
         # an input's negative part are skipped where it has none (they add exactly zero there).
@@ -178,23 +179,23 @@ class _Rule:
         if xn is not None:
             z += f(xn, w_neg, None)
         # With w and b never negative (z+, alpha's share), z is a sum of terms that are never negative.
-        g = relevance / (z.add_(STABILIZER) if positive else _stabilised(z))
+        g = relevance / (z.add_(STABILIZER) if positive else stabilised(z))
         return xp * vjp(w, g) if xn is None else xp * vjp(w, g) + xn * vjp(w_neg, g)
 
 
 def _rules(
     name: str, epsilon: float, gamma: float, pixel_range: Any, like: torch.Tensor
-) -> tuple[_Rule, _Rule, _Rule | None]:
+) -> tuple[Rule, Rule, Rule | None]:
     """The rules of `composite` `name`: for convolutions, for linear layers, for the first layer
     (None: its type's).
     """
-    eps = _Rule("epsilon", epsilon=epsilon)
+    eps = Rule("epsilon", epsilon=epsilon)
     if name == "epsilon_plus_flat":
-        return _Rule("z_plus"), eps, _Rule("flat")
+        return Rule("z_plus"), eps, Rule("flat")
     if name == "epsilon_plus":
-        return _Rule("z_plus"), eps, None
+        return Rule("z_plus"), eps, None
     if name == "epsilon_alpha2_beta1":
-        return _Rule("alpha_beta", alpha=2.0, beta=1.0), eps, None
+        return Rule("alpha_beta", alpha=2.0, beta=1.0), eps, None
     if name == "epsilon":
         return eps, eps, None
     if name == "epsilon_gamma_box":
@@ -207,16 +208,16 @@ def _rules(
             torch.tensor(v, dtype=like.dtype, device=like.device).view(1, -1, *(1,) * (like.dim() - 2))
             for v in pixel_range
         )
-        return _Rule("gamma", gamma=gamma), eps, _Rule("z_box", low=low, high=high)
+        return Rule("gamma", gamma=gamma), eps, Rule("z_box", low=low, high=high)
     raise ValueError(f"lrp: unknown composite {name!r}; one of {', '.join(COMPOSITES)}")
 
 
-_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 @dataclass
-class _Layer:
+class Layer:
     """A convolution or linear module as the rules see it: its weights with the BatchNorm merged in that
     follows it among the model's modules in the order they were assigned (zennit's
     `SequentialMergeBatchNorm`, which assumes that is the order they are called in), and its rule.
@@ -224,9 +225,12 @@ class _Layer:
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    rule: _Rule
-    tally: _Tally
+    rule: Rule
+    tally: Tally
     parts: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    # The backward carries gradients, not relevance (lxt's gradient-times-input form): the relevance of
+    # the output is the gradient times the output, and the input's is handed back divided by the input.
+    as_gradient: bool = False
 
     def w(self, key: str) -> torch.Tensor:
         """The weights a rule passes with (`part`)."""
@@ -268,9 +272,9 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def _layers(
-    model: nn.Module, conv: _Rule, linear: _Rule, first: _Rule | None, tally: _Tally
-) -> tuple[dict[int, _Layer], set[int]]:
-    """Each convolution and linear module's `_Layer`, by the id of its weight, and the ids of the
+    model: nn.Module, conv: Rule, linear: Rule, first: Rule | None, tally: Tally
+) -> tuple[dict[int, Layer], set[int]]:
+    """Each convolution and linear module's `Layer`, by the id of its weight, and the ids of the
     running means of the BatchNorms merged into them (their calls become the identity).
     """
     merged: dict[nn.Module, nn.modules.batchnorm._BatchNorm] = {}
@@ -282,7 +286,7 @@ def _layers(
             and bn.running_var is not None
         ):
             merged[a] = bn
-    layers: dict[int, _Layer] = {}
+    layers: dict[int, Layer] = {}
     identities: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
@@ -302,29 +306,35 @@ def _layers(
                 w = w * scale.view(-1, *(1,) * (w.dim() - 1))
                 b = ((b if b is not None else 0.0) - mean) * scale + shift
                 identities.add(id(mean))
-            layers[id(module.weight)] = _Layer(w, b, rule, tally)
+            layers[id(module.weight)] = Layer(w, b, rule, tally)
     return layers, identities
 
 
-class _Relevant(torch.autograd.Function):
-    """A convolution or linear call whose backward is its layer's rule, not its gradient."""
+class Relevant(torch.autograd.Function):
+    """A convolution or linear call whose backward is its layer's rule, not its gradient (in
+    gradient-times-input form where the layer says so: `Layer.as_gradient`).
+    """
 
     @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, layer: _Layer, func: Any, rest: dict, inside: torch.Tensor | None,
+    def forward(  # noqa: D102
+        ctx: Any, x: torch.Tensor, layer: Layer, func: Any, rest: dict, inside: torch.Tensor | None,
         non_negative: bool,
     ) -> torch.Tensor:  # fmt: skip
         y = func(x, layer.weight, layer.bias, **rest)
         ctx.layer, ctx.func, ctx.rest, ctx.inside, ctx.non_negative = layer, func, rest, inside, non_negative
-        ctx.save_for_backward(x, y if layer.rule.needs_output else None)
+        ctx.save_for_backward(x, y if layer.rule.needs_output or layer.as_gradient else None)
         ctx.macs = y.numel() * layer.weight[0].numel()  # multiply-adds of the call
         layer.tally.model += ctx.macs
         return y
 
     @staticmethod
-    def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
+    def backward(  # noqa: D102
+        ctx: Any, relevance: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None, None, None]:
         x, y = ctx.saved_tensors
         func, rest, layer = ctx.func, ctx.rest, ctx.layer
+        if layer.as_gradient:
+            relevance = relevance * y
 
         passes = [0, 0]  # the layer again forward, and transposed
 
@@ -339,11 +349,13 @@ class _Relevant(torch.autograd.Function):
         r = layer.rule.apply(layer, x, y, relevance, f, vjp, ctx.inside, ctx.non_negative)
         layer.tally.forwards += passes[0] * ctx.macs
         layer.tally.transposed += max(passes[1] - 1, 0) * ctx.macs  # one is the backward's own
+        if layer.as_gradient:
+            r = r / stabilised(x, GRADIENT_STABILIZER)
         return r, None, None, None, None, None
 
 
 @dataclass
-class _Tally:
+class Tally:
     """Multiply-adds of the rule layers: in the model's forward, and in the rules' passes beyond a
     forward and backward (the layers again forward with other weights or inputs, and transposed
     more than once).
@@ -352,6 +364,7 @@ class _Tally:
     model: int = 0
     forwards: int = 0
     transposed: int = 0
+    others: int = 0  # multiply-adds of the model's calls without a rule (a transformer's attention)
 
     def note(self, images: int) -> None:
         """Note the rules' passes since the last note as the model's own work (`note_passes`), in
@@ -359,9 +372,10 @@ class _Tally:
         beyond the first its share of a backward (a forward+backward less a forward).
         """
         if self.model:
-            forwards, transposed = self.forwards / self.model, self.transposed / self.model
+            whole = self.model + self.others
+            forwards, transposed = self.forwards / whole, self.transposed / whole
             note_passes(forwards=images * (forwards - transposed), backwards=images * transposed)
-        self.model = self.forwards = self.transposed = 0
+        self.model = self.forwards = self.transposed = self.others = 0
 
 
 def _input_vjp(func: Any, rest: dict, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -370,7 +384,7 @@ def _input_vjp(func: Any, rest: dict, x: torch.Tensor, w: torch.Tensor, g: torch
     """
     if func is F.linear:
         return g @ w
-    n, padding = _CONVS[func], rest["padding"]
+    n, padding = CONVS[func], rest["padding"]
     if isinstance(padding, str):  # "same" or "valid": autograd works out the padding
         with torch.enable_grad():
             a = torch.zeros_like(x).requires_grad_(True)
@@ -386,7 +400,7 @@ def _ntuple(v: Any, n: int) -> list[int]:
     return [int(v)] * n if isinstance(v, int) else [int(i) for i in v]
 
 
-def _call_rest(func: Any, args: tuple, kwargs: dict) -> dict:
+def call_rest(func: Any, args: tuple, kwargs: dict) -> dict:
     """A convolution's or linear layer's arguments after input, weight and bias, by name."""
     if func is F.linear:
         return {}
@@ -426,11 +440,11 @@ class _Normed(torch.autograd.Function):
         x, y = ctx.saved_tensors
         with torch.enable_grad():
             a = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(ctx.func(a, *ctx.args, **ctx.kwargs), a, relevance / _stabilised(y))
+            (g,) = torch.autograd.grad(ctx.func(a, *ctx.args, **ctx.kwargs), a, relevance / stabilised(y))
         return x * g, None, None, None
 
 
-_ACTIVATIONS = frozenset({
+ACTIVATIONS = frozenset({
     F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, F.elu, F.elu_, F.selu, F.celu, F.leaky_relu,
     F.leaky_relu_, F.gelu, F.silu, F.mish, F.softplus, F.hardswish, F.hardsigmoid, F.logsigmoid,
     F.softsign, F.tanhshrink, F.hardshrink, F.softshrink, F.threshold, F.rrelu, F.prelu, F.sigmoid,
@@ -459,12 +473,12 @@ class _BranchSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, relevance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         a, b, z = ctx.saved_tensors
-        share = relevance / _stabilised(z)
+        share = relevance / stabilised(z)
         rb = b * share
         return _reduced(a * share, a), _reduced(-rb if ctx.flip else rb, b), None
 
 
-def _stabilised(z: torch.Tensor, by: float = STABILIZER) -> torch.Tensor:
+def stabilised(z: torch.Tensor, by: float = STABILIZER) -> torch.Tensor:
     """Zennit's stabiliser: `z` moved away from zero by `by`, on its own side (zero: up)."""
     return torch.where(z >= 0, z + by, z - by)
 
@@ -516,7 +530,7 @@ def _zero_padding(args: tuple, kwargs: dict) -> bool:
     return mode == "constant" and not value
 
 
-def _out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+def out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
     """An activation call made out of place (`inplace=False`, `relu_` as `relu`): the tensor it would
     overwrite may be kept for a rule's backward.
     """
@@ -532,7 +546,7 @@ def _out_of_place(func: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dic
 
 class _Branches(Following):
     """Follows what depends on the input through the forward, and gives each call its LRP rule:
-    a convolution or linear layer in `layers` (by its weight) its layer's rule through `_Relevant`,
+    a convolution or linear layer in `layers` (by its weight) its layer's rule through `Relevant`,
     a BatchNorm merged into one (by its running mean, in `merged`) the identity, an activation or
     another BatchNorm `_Passed`, an average pooling or a mean `_Normed`, the sum of two
     dependent tensors `_BranchSum`; anything else its gradient. `layers=None` only checks: it raises
@@ -541,7 +555,7 @@ class _Branches(Following):
     """
 
     def __init__(
-        self, start: torch.Tensor, layers: dict[int, _Layer] | None = None,
+        self, start: torch.Tensor, layers: dict[int, Layer] | None = None,
         merged: frozenset[int] = frozenset(), where: Callable[[], str] = lambda: "",
     ) -> None:  # fmt: skip
         super().__init__(start)
@@ -590,15 +604,15 @@ class _Branches(Following):
         first = args[0] if args else None
         if not self.depends(first):
             return None
-        if func in _CONVS or func is F.linear:
+        if func in CONVS or func is F.linear:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             layer = self.layers.get(id(weight))
             if layer is None:
                 return None
             assert isinstance(first, torch.Tensor)
             inside = self._inside(first) if layer.rule.name in ("flat", "z_box") else None
-            rest = _call_rest(func, args, kwargs)
-            return _Relevant.apply(first, layer, func, rest, inside, self.non_negative(first))
+            rest = call_rest(func, args, kwargs)
+            return Relevant.apply(first, layer, func, rest, inside, self.non_negative(first))
         if func is F.pad and _zero_padding(args, kwargs):
             assert isinstance(first, torch.Tensor)
             out = func(*args, **kwargs)
@@ -609,8 +623,8 @@ class _Branches(Following):
             if id(running_mean) in self.merged:
                 return first
             return _Passed.apply(first, lambda: func(*args, **kwargs))
-        if func in _ACTIVATIONS and n == 1:
-            func, args, kwargs = _out_of_place(func, args, kwargs)
+        if func in ACTIVATIONS and n == 1:
+            func, args, kwargs = out_of_place(func, args, kwargs)
             return _Passed.apply(first, lambda: func(*args, **kwargs))
         if func in _AVG_POOLS:
             return _Normed.apply(first, func, args[1:], kwargs)
@@ -673,8 +687,8 @@ def _why_not(model: nn.Module, probe: torch.Tensor) -> str | None:
     finally:
         for h in hooks:
             h.remove()
-    rule = _Rule("epsilon")
-    layers, merged = _layers(model, rule, rule, None, _Tally())
+    rule = Rule("epsilon")
+    layers, merged = _layers(model, rule, rule, None, Tally())
     with torch.no_grad(), _Branches(probe, layers, frozenset(merged)):
         ruled = model(probe)
     off = float((ruled - plain).abs().max() / plain.abs().max().clamp(min=1e-12))
@@ -711,7 +725,7 @@ def lrp(
     """
     conv, linear, first = _rules(composite, epsilon, gamma, pixel_range, inputs)
     _check_handled(model, inputs[:1])
-    tally = _Tally()
+    tally = Tally()
     layers, merged = _layers(model, conv, linear, first, tally)
 
     def relevance(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -38,22 +38,53 @@ def has_attention(model: nn.Module) -> bool:
     return any(isinstance(m, AttentionProbs) for m in model.modules())
 
 
-def check_attention(model: nn.Module, probe: torch.Tensor) -> None:  # noqa: ARG001
+def is_attention_layer(m: nn.Module) -> bool:
+    """An attention layer: `nn.MultiheadAttention`, one that passes its probabilities through an
+    `AttentionProbs` child (shapes_vit's, timm's once shown), or torchvision's Swin window attention.
+    """
+    return (
+        isinstance(m, nn.MultiheadAttention)
+        or any(isinstance(c, AttentionProbs) for c in m.children())
+        or type(m).__name__.startswith("ShiftedWindowAttention")
+    )
+
+
+def usable_methods(model: nn.Module, probe: torch.Tensor) -> list[str]:
+    """The methods a model can be explained by: those for transformers where it has what they read
+    (`attn_lrp`: attention layers; the others: `AttentionProbs`), the others where their own check
+    of the model (`MethodTraits.check_model`, on `probe`) passes.
+    """
+    import methods
+
+    layers, shown = any(is_attention_layer(m) for m in model.modules()), has_attention(model)
+    usable = []
+    for name in methods.__all__:
+        fn = getattr(methods, name)
+        if not hasattr(fn, "traits"):
+            continue
+        traits = methods.traits_of(fn)
+        if traits.attention:
+            if shown or (layers and name == "attn_lrp"):
+                usable.append(name)
+            continue
+        try:
+            if traits.check_model is not None:
+                traits.check_model(model, probe)
+        except ValueError:
+            continue
+        usable.append(name)
+    return sorted(usable)
+
+
+def check_attention(model: nn.Module, probe: torch.Tensor) -> None:
     """Raise `ValueError` for a model that shows no attention, naming the methods it can use."""
     if has_attention(model):
         return
-    import methods
-
-    usable = sorted(
-        name
-        for name in methods.__all__
-        if hasattr(getattr(methods, name), "traits")
-        and not methods.traits_of(getattr(methods, name)).attention
-    )
     raise ValueError(
-        f"{type(model).__name__} shows no attention (no methods.transformer.AttentionProbs module: the "
-        "harness's shapes_vit and torchvision's and timm's ViTs have them); methods for it: "
-        + ", ".join(usable)
+        f"{type(model).__name__} shows no attention over a class token (no "
+        "methods.transformer.AttentionProbs module: the harness's shapes_vit and torchvision's and timm's "
+        "ViTs have them; a Swin's windowed attention has no class token); methods for it: "
+        + ", ".join(usable_methods(model, probe))
     )
 
 

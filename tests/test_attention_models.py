@@ -6,6 +6,7 @@ run on the harness's builds (random weights, small inputs).
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -22,6 +23,13 @@ ATTENTION_METHODS = [
     for name in methods.__all__
     if hasattr(getattr(methods, name), "traits") and methods.traits_of(getattr(methods, name)).attention
 ]
+
+
+def _explain(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, tokens: tuple) -> torch.Tensor:
+    """The method's map, the token layout bound where it takes one (as the job binds it)."""
+    fn = getattr(methods, name)
+    layout = {"prefix_tokens": tokens[0], "grid": tokens[1:]}
+    return fn(model, x, t, **{k: v for k, v in layout.items() if k in inspect.signature(fn).parameters})
 
 
 def _small_vit() -> nn.Module:
@@ -61,10 +69,9 @@ def test_every_attention_method_runs_on_torchvisions_vit_b_16(name):
     clf = torchvision_classifier("vit_b_16", input_size=32, num_classes=10)
     assert clf.tokens == (1, 2, 2)
     nn.init.normal_(clf.module.heads.head.weight)  # torchvision starts it at zero: no logit would move
-    fn = getattr(methods, name)
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
-    maps = fn(clf.module, x, t, prefix_tokens=clf.tokens[0], grid=clf.tokens[1:])
-    assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+    maps = _explain(name, clf.module, x, t, clf.tokens)
+    assert maps.shape[2:] == (32, 32) and torch.isfinite(maps).all() and maps.abs().sum() > 0
 
 
 @pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
@@ -80,8 +87,23 @@ def test_every_attention_method_runs_on_timms_vit_and_deit(arch):
         clf.module(x)
     assert len(seen) == 12 and seen[0].shape == (2, 3, 4 + prefix, 4 + prefix)
     for name in ATTENTION_METHODS:
-        maps = getattr(methods, name)(clf.module, x, t, prefix_tokens=clf.tokens[0], grid=clf.tokens[1:])
-        assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all(), name
+        maps = _explain(name, clf.module, x, t, clf.tokens)
+        assert maps.shape[2:] == (32, 32) and torch.isfinite(maps).all() and maps.abs().sum() > 0, name
+
+
+def test_on_torchvisions_swin_attn_lrp_runs_and_the_class_token_methods_say_what_it_can_use():
+    """A Swin's attention is within windows, with no class token: attn_lrp runs on it; rollout,
+    Chefer's method and LeGrad, defined on a class token's row, refuse it in one line.
+    """
+    clf = torchvision_classifier("swin_t", input_size=64, num_classes=10)
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    maps = methods.attn_lrp(clf.module, x, t)
+    assert maps.shape == (2, 3, 64, 64) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+    for name in set(ATTENTION_METHODS) - {"attn_lrp"}:
+        with pytest.raises(ValueError, match="SwinTransformer shows no attention over a class token") as e:
+            methods.traits_of(getattr(methods, name)).check_model(clf.module, x[:1])
+        usable = str(e.value).split("methods for it: ")[1].split(", ")
+        assert "attn_lrp" in usable and "grad_cam" in usable and name not in usable
 
 
 def test_timms_shown_attention_keeps_its_logits():

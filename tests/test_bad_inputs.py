@@ -142,7 +142,7 @@ CASES = [
     ("value/model-width-text", [*SMALL, "model.width=wide"], "model.width='wide'; expected an integer"),
     ("value/metric-steps-text", [*SMALL, "metric.deletion.steps=many"], "metric.deletion.steps='many'; expected an integer"),
     ("value/smoothgrad-noise-text", [*SMALL[:3], "method=smoothgrad", "method.noise_level=loud"], "method.noise_level='loud'; expected a number"),
-    ("value/unknown-method", [*SMALL[:3], "method=sailency"], "unknown method 'sailency'; available: ablation_cam, attention_rollout, blur_ig, deeplift,"),
+    ("value/unknown-method", [*SMALL[:3], "method=sailency"], "unknown method 'sailency'; available: ablation_cam, attention_rollout, attn_lrp, blur_ig, deeplift,"),
     ("value/unknown-model", ["model=resnet19", "device=cpu"], "unknown model 'resnet19'; available: alexnet, custom,"),
     ("value/unknown-data", ["data=imagefolder"], "unknown data 'imagefolder'; available: image_folder, photos"),
     ("value/precision", [*SMALL, "device.precision=fp8"], "device.precision='fp8'"),

@@ -211,7 +211,7 @@ def test_single_run_with_image_folder(tmp_path):
     [
         (
             ["method=sailency"],
-            "unknown method 'sailency'; available: ablation_cam, attention_rollout, blur_ig, deeplift,",
+            "unknown method 'sailency'; available: ablation_cam, attention_rollout, attn_lrp, blur_ig,",
         ),
         (["method=saliency,rise,occlusions"], "unknown method 'occlusions'"),
         (["model=resnet19"], "unknown model 'resnet19'; available: alexnet, custom, efficientnet_lite0,"),

@@ -172,11 +172,13 @@ class _OnePatch(nn.Module):
         return torch.cat([h[:, 0], -h[:, 0]], dim=1)
 
 
-@pytest.mark.parametrize("fn", [attention_rollout, generic_attention])
-def test_every_attention_method_puts_its_maximum_on_the_one_patch_the_class_token_sees(fn):
-    x = _images(2, size=16).abs() + 0.5
+@pytest.mark.parametrize("name", ["attention_rollout", "generic_attention", "attn_lrp"])
+def test_every_attention_method_puts_its_maximum_on_the_one_patch_the_class_token_sees(name):
+    """LeGrad is the exception by design (test_legrad_ranks_the_patches_by_their_tokens...)."""
+    x, fn = _images(2, size=16).abs() + 0.5, getattr(methods, name)
     for patch in (0, 6, 13):
-        maps = fn(_OnePatch(patch), x, torch.tensor([0, 0]), grid=(4, 4))
+        grid = {} if name == "attn_lrp" else {"grid": (4, 4)}
+        maps = fn(_OnePatch(patch), x, torch.tensor([0, 0]), **grid).sum(1, keepdim=True)
         on_grid = nn.functional.adaptive_avg_pool2d(maps, 4).flatten(1)
         assert (on_grid.argmax(1) == patch).all(), fn.__name__
 

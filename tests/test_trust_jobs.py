@@ -108,13 +108,13 @@ def test_attention_methods_sweep_on_the_shapes_transformer(tmp_path, monkeypatch
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     sweep = tmp_path / "sweep"
     r = harness(
-        "-m", *TINY_VIT, "method=attention_rollout,generic_attention,grad_cam,oracle",
+        "-m", *TINY_VIT, "method=attention_rollout,attn_lrp,generic_attention,grad_cam,oracle",
         "metric=[relevance_mass,deletion]", "device=cpu", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("shapes_vit: training on 256 generated images") == 1  # once, then cached
     rows = pd.read_csv(sweep / "summary.csv").set_index("method")
-    assert set(rows.index) == {"attention_rollout", "generic_attention", "grad_cam", "oracle"}
+    assert set(rows.index) == {"attention_rollout", "attn_lrp", "generic_attention", "grad_cam", "oracle"}
     assert rows.loc["oracle", "relevance_mass"] == 1.0
     for name in ("attention_rollout", "generic_attention"):
         row = json.loads((next(sweep.glob(f"*method={name}*")) / "run.json").read_text())

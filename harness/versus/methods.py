@@ -298,10 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         rows += ceilings(s, device, args.repeats)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    title = (
-        "# Methods against the libraries that define them "
-        f"({machine_id()}, {args.device}, {SETTING})"
-    )
+    title = f"# Methods against the libraries that define them ({machine_id()}, {args.device}, {SETTING})"
     write(args.out, "versus_methods", title, table, args.repeats, s)
 
 
