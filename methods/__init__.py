@@ -17,6 +17,7 @@ from methods.gradient import (
 )
 from methods.lrp import lrp
 from methods.noise_tunnel import smoothgrad, smoothgrad_sq, vargrad
+from methods.patches import patch_lime, patch_occlusion, patch_rise
 from methods.path_ig import blur_ig, guided_ig
 from methods.perturbation import occlusion, rise
 from methods.surrogate import kernel_shap, lime
@@ -51,6 +52,9 @@ __all__ = [
     "method",
     "occlusion",
     "oracle",
+    "patch_lime",
+    "patch_occlusion",
+    "patch_rise",
     "random",
     "rise",
     "saliency",

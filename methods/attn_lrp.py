@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from methods.common import Count, chunked, method
 from methods.follow import Following
 from methods.lrp import ACTIVATIONS, CONVS, Layer, Relevant, Rule, Tally, call_rest, out_of_place
-from methods.transformer import is_attention_layer, usable_methods
+from methods.transformer import check_transformer, is_attention_layer
 
 _T = torch.Tensor
 _SOFTMAXES = frozenset({F.softmax, torch.softmax, _T.softmax})
@@ -149,16 +149,6 @@ class _AttnRules(Following):
             self.tally.others += out.numel() * int(args[0].shape[-1])
         elif func is F.scaled_dot_product_attention:
             self.tally.others += 2 * out.numel() * int(args[1].shape[-2])
-
-
-def check_transformer(model: nn.Module, probe: torch.Tensor) -> None:
-    """Raise `ValueError` for a model without an attention layer, naming the methods it can use."""
-    if not any(is_attention_layer(m) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} has no attention layer (nn.MultiheadAttention, timm's or shapes_vit's "
-            "attention, Swin's window attention) for attn_lrp; methods for it: "
-            + ", ".join(usable_methods(model, probe))
-        )
 
 
 @method(attention=True, eager_only=True, check_model=check_transformer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 import torch
@@ -137,7 +138,7 @@ def rise(
     All images share the same masks, drawn from torch's global generator (seeded by the job).
     Costs `n_masks` forwards per image, `chunk_size` at a time. `[B, C, H, W]` -> `[B, 1, H, W]`.
     """
-    b, _, h, w = inputs.shape
+    _, _, h, w = inputs.shape
     device = inputs.device
     grids = (torch.rand(n_masks, cells, cells) < p_keep).float().to(device)
     shifts = torch.stack(
@@ -147,15 +148,31 @@ def rise(
         ],
         dim=1,
     ).to(device)
+
+    def masks(lo: int, hi: int) -> torch.Tensor:
+        return rise_masks(grids[lo:hi], shifts[lo:hi], (h, w), cells)
+
+    return masks_weighted_by_softmax(model, inputs, target, masks, n_masks, chunk_size) / p_keep
+
+
+def masks_weighted_by_softmax(
+    model: nn.Module, inputs: torch.Tensor, target: torch.Tensor,
+    masks: Callable[[int, int], torch.Tensor], n_masks: int, chunk_size: int,
+) -> torch.Tensor:  # fmt: skip
+    """RISE's sum: the mean over `n_masks` masks (`masks(lo, hi)`: masks `lo` to `hi`, `[m, 1, H, W]`)
+    of each mask times the target's softmax probability on the image it masks, `[B, 1, H, W]`; the
+    images go through the model `chunk_size` at a time.
+    """
+    b, _, h, w = inputs.shape
     images = min(b, chunk_size)
     per_forward = max(1, chunk_size // images)
-    saliency = torch.zeros(b, h, w, device=device)
+    saliency = torch.zeros(b, h, w, device=inputs.device)
     for lo in range(0, n_masks, per_forward):
-        masks = rise_masks(grids[lo : lo + per_forward], shifts[lo : lo + per_forward], (h, w), cells)
+        m = masks(lo, min(lo + per_forward, n_masks))
         for i in range(0, b, images):
             x, t = inputs[i : i + images], target[i : i + images]
-            masked = (masks[:, None] * x[None]).flatten(0, 1)  # [m * g, C, H, W], mask-major
-            p = model(masked).float().softmax(dim=1).view(len(masks), len(x), -1)
-            p_target = p.gather(2, t.view(1, -1, 1).expand(len(masks), -1, 1))[..., 0]  # [m, g]
-            saliency[i : i + images] += torch.einsum("mg,mhw->ghw", p_target, masks[:, 0])
-    return (saliency / (n_masks * p_keep))[:, None]
+            masked = (m[:, None] * x[None]).flatten(0, 1)  # [m * g, C, H, W], mask-major
+            p = model(masked).float().softmax(dim=1).view(len(m), len(x), -1)
+            p_target = p.gather(2, t.view(1, -1, 1).expand(len(m), -1, 1))[..., 0]  # [m, g]
+            saliency[i : i + images] += torch.einsum("mg,mhw->ghw", p_target, m[:, 0])
+    return (saliency / n_masks)[:, None]

@@ -117,7 +117,7 @@ def fit_r2(z: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, coef: torch.T
     return float(1 - residual / spread)
 
 
-def _surrogate(
+def surrogate(
     model: nn.Module,
     inputs: torch.Tensor,
     target: torch.Tensor,
@@ -174,13 +174,21 @@ def lime(
     image (Captum's `Lime` with `get_exp_kernel_similarity_function("cosine", kernel_width)`). `[B, 1, H, W]`.
     """
     features = regions(inputs, segments, n_segments, compactness, grid)
+    scorer = _scorer(model, score)
+    weigh = lime_kernel(kernel_width)
+    return surrogate(scorer, inputs, target, features, lime_samples, weigh, n_samples, ridge, chunk_size)
+
+
+def lime_kernel(width: float) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """LIME's weights of samples `batch` of image `x`: exp(-d^2 / (2 width^2)), d their cosine
+    distance to the image (Captum's `get_exp_kernel_similarity_function("cosine", width)`).
+    """
 
     def weigh(x: torch.Tensor, batch: torch.Tensor, _z: torch.Tensor) -> torch.Tensor:
         cosine = F.cosine_similarity(batch.flatten(1).float(), x.flatten()[None].float(), dim=1)
-        return torch.exp(-((1 - cosine) ** 2) / (2 * kernel_width**2)).cpu()
+        return torch.exp(-((1 - cosine) ** 2) / (2 * width**2)).cpu()
 
-    scorer = _scorer(model, score)
-    return _surrogate(scorer, inputs, target, features, lime_samples, weigh, n_samples, ridge, chunk_size)
+    return weigh
 
 
 @method(forward_only=True, stochastic=True)
@@ -210,6 +218,4 @@ def kernel_shap(
         return torch.where(ends, ENDPOINT_WEIGHT, 1.0)
 
     scorer = _scorer(model, score)
-    return _surrogate(
-        scorer, inputs, target, features, kernel_shap_samples, weigh, n_samples, 0.0, chunk_size
-    )
+    return surrogate(scorer, inputs, target, features, kernel_shap_samples, weigh, n_samples, 0.0, chunk_size)

@@ -50,26 +50,26 @@ def is_attention_layer(m: nn.Module) -> bool:
 
 
 def usable_methods(model: nn.Module, probe: torch.Tensor) -> list[str]:
-    """The methods a model can be explained by: those for transformers where it has what they read
-    (`attn_lrp`: attention layers; the others: `AttentionProbs`), the others where their own check
-    of the model (`MethodTraits.check_model`, on `probe`) passes.
+    """The methods a model can be explained by: those whose check of the model
+    (`MethodTraits.check_model`, on `probe`) passes, or that have none; a method that reads the
+    attention probabilities where the model shows them (`AttentionProbs`).
     """
     import methods
 
-    layers, shown = any(is_attention_layer(m) for m in model.modules()), has_attention(model)
     usable = []
     for name in methods.__all__:
         fn = getattr(methods, name)
         if not hasattr(fn, "traits"):
             continue
-        traits = methods.traits_of(fn)
-        if traits.attention:
-            if shown or (layers and name == "attn_lrp"):
+        check = methods.traits_of(fn).check_model
+        if check in (check_attention, check_transformer):  # answered here, not asked again
+            layers = any(is_attention_layer(m) for m in model.modules())
+            if has_attention(model) if check is check_attention else layers:
                 usable.append(name)
             continue
         try:
-            if traits.check_model is not None:
-                traits.check_model(model, probe)
+            if check is not None:
+                check(model, probe)
         except ValueError:
             continue
         usable.append(name)
@@ -86,6 +86,16 @@ def check_attention(model: nn.Module, probe: torch.Tensor) -> None:
         "ViTs have them; a Swin's windowed attention has no class token); methods for it: "
         + ", ".join(usable_methods(model, probe))
     )
+
+
+def check_transformer(model: nn.Module, probe: torch.Tensor) -> None:
+    """Raise `ValueError` for a model without an attention layer, naming the methods it can use."""
+    if not any(is_attention_layer(m) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no attention layer (nn.MultiheadAttention, timm's or shapes_vit's "
+            "attention, Swin's window attention): it is no transformer; methods for it: "
+            + ", ".join(usable_methods(model, probe))
+        )
 
 
 @contextmanager

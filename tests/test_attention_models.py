@@ -16,7 +16,7 @@ from torch import nn
 import methods
 from harness.models import torchvision_classifier
 from harness.models.attention import ShownMultiheadAttention, show_attention, token_layout
-from methods.transformer import captured
+from methods.transformer import captured, check_attention
 
 ATTENTION_METHODS = [
     name
@@ -28,7 +28,7 @@ ATTENTION_METHODS = [
 def _explain(name: str, model: nn.Module, x: torch.Tensor, t: torch.Tensor, tokens: tuple) -> torch.Tensor:
     """The method's map, the token layout bound where it takes one (as the job binds it)."""
     fn = getattr(methods, name)
-    layout = {"prefix_tokens": tokens[0], "grid": tokens[1:]}
+    layout = {"prefix_tokens": tokens[0], "grid": tokens[1:], "n_masks": 8, "n_samples": 8}  # few draws
     return fn(model, x, t, **{k: v for k, v in layout.items() if k in inspect.signature(fn).parameters})
 
 
@@ -92,14 +92,22 @@ def test_every_attention_method_runs_on_timms_vit_and_deit(arch):
 
 
 def test_on_torchvisions_swin_attn_lrp_runs_and_the_class_token_methods_say_what_it_can_use():
-    """A Swin's attention is within windows, with no class token: attn_lrp runs on it; rollout,
-    Chefer's method and LeGrad, defined on a class token's row, refuse it in one line.
+    """A Swin's attention is within windows, with no class token: attn_lrp and the patch methods (on
+    its 4-pixel patches) run on it; rollout, Chefer's method and LeGrad, defined on a class token's
+    row, refuse it in one line.
     """
     clf = torchvision_classifier("swin_t", input_size=64, num_classes=10)
     x, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    maps = methods.attn_lrp(clf.module, x, t)
-    assert maps.shape == (2, 3, 64, 64) and torch.isfinite(maps).all() and maps.abs().sum() > 0
-    for name in set(ATTENTION_METHODS) - {"attn_lrp"}:
+    token_free = {
+        n
+        for n in ATTENTION_METHODS
+        if methods.traits_of(getattr(methods, n)).check_model is not check_attention
+    }
+    assert token_free == {"attn_lrp", "patch_lime", "patch_occlusion", "patch_rise"}
+    for name in sorted(token_free):
+        maps = _explain(name, clf.module, x, t, (0, 16, 16))
+        assert maps.shape[2:] == (64, 64) and torch.isfinite(maps).all() and maps.abs().sum() > 0, name
+    for name in set(ATTENTION_METHODS) - token_free:
         with pytest.raises(ValueError, match="SwinTransformer shows no attention over a class token") as e:
             methods.traits_of(getattr(methods, name)).check_model(clf.module, x[:1])
         usable = str(e.value).split("methods for it: ")[1].split(", ")

@@ -176,7 +176,15 @@ def test_experiment_methods_sweeps_every_method_and_the_default_comparison_most(
     assert cfg.hydra.mode.name == "MULTIRUN"
     traits = {m: traits_of(instantiate(cfg_with(f"method={m}").method)) for m in options("method")}
     every = [m for m in options("method") if not traits[m].ground_truth and not traits[m].attention]
-    attention = {"attention_rollout", "attn_lrp", "generic_attention", "legrad"}  # the default model is a CNN
+    attention = {
+        "attention_rollout",
+        "attn_lrp",
+        "generic_attention",
+        "legrad",
+        "patch_lime",
+        "patch_occlusion",
+        "patch_rise",
+    }  # the default model is a CNN
     assert every == sorted(set(options("method")) - {"oracle"} - attention)
     swept = everything.hydra.sweeper.params.method.split(",")
     assert sorted(swept) == every and len(set(swept)) == len(swept)
@@ -207,7 +215,15 @@ def test_an_experiments_sweep_overrides_the_default_one():
         truth = compose("config", ["experiment=ground_truth"], return_hydra_config=True)
         speed = compose("config", ["experiment=speed"], return_hydra_config=True)
     methods = truth.hydra.sweeper.params.method.split(",")
-    attention = {"attention_rollout", "attn_lrp", "generic_attention", "legrad"}  # shapes_cnn has none
+    attention = {
+        "attention_rollout",
+        "attn_lrp",
+        "generic_attention",
+        "legrad",
+        "patch_lime",
+        "patch_occlusion",
+        "patch_rise",
+    }  # shapes_cnn has none
     assert methods[0] == "oracle" and sorted(methods) == sorted(set(options("method")) - attention)
     assert speed.hydra.sweeper.params.method == "saliency,integrated_gradients,occlusion,grad_cam"
 

@@ -21,6 +21,7 @@ BATCH_DEPENDENT = {
     "vargrad",
     "expected_gradients",
     "lime",
+    "patch_lime",
     "kernel_shap",
     "gradient_shap",
 }
@@ -39,6 +40,8 @@ def configured(name: str, chunk_size: int = 4, **overrides):
     kw = {k: CHEAP[k] for k in params if k in CHEAP}
     if "chunk_size" in params:
         kw["chunk_size"] = chunk_size
+    if params.get("grid", 0) is None:  # the patch grid the job binds: the small transformer's (model_for)
+        kw["grid"] = (4, 4)
     fn = instantiate(cfg.method, **kw, **overrides)
     return fn
 
