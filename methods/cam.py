@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
+from captum.attr import GuidedBackprop, GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
 
 from methods.common import Count, chunked, method
@@ -111,12 +111,16 @@ def guided_grad_cam(
     chunk_size: Count = 16,
 ) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017, section 3.1): guided backprop times the upsampled
-    Grad-CAM map. `[B, C, H, W]`; layers with `nchw` output only.
+    Grad-CAM map. `[B, C, H, W]`. Captum's `GuidedGradCam` on a layer with `nchw` output; on another
+    layout (a transformer's tokens) the same product of this module's `grad_cam` and Captum's
+    `GuidedBackprop`, as Captum's computes it.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout != "nchw":
-        raise ValueError(
-            f"guided_grad_cam needs a layer with [B, C, H, W] output; the model's cam_layout is {layout}"
-        )
+        cam = grad_cam(model, inputs, target, layer=layer, layout=layout, chunk_size=chunk_size)
+        guided = GuidedBackprop(model)
+        return chunked(lambda x, t: guided.attribute(x, target=t), inputs, target, chunk_size) * cam
     explainer = GuidedGradCam(model, submodule(model, layer))
 
     def attribute(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ the square the token count makes), upsampled to the image bilinearly as the CAMs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge, Lt
-from captum.attr import LayerAttribution
 from torch import nn
 
 from methods.common import Count, chunked, method
@@ -140,7 +140,32 @@ def _patch_map(
             f"grid={tuple(grid)} holds {grid[0] * grid[1]} patches; the model has {patches.shape[1]}"
         )
     maps = patches.reshape(len(rows), 1, *grid)
-    return LayerAttribution.interpolate(maps, size, interpolate_mode="bilinear")
+    return bilinear(maps, size)
+
+
+def bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`maps` `[B, C, h, w]` resized to `size` as `F.interpolate(mode="bilinear")` resizes them (half-pixel
+    centres, no corner alignment), as two small matrix products: on the CPU four to five times faster
+    than its kernel for a patch grid (the attention methods' maps, and Captum's CAM upsampling).
+    """
+    rows = _interpolation(maps.shape[-2], size[0], maps.dtype, maps.device)
+    cols = _interpolation(maps.shape[-1], size[1], maps.dtype, maps.device)
+    return rows @ maps @ cols.T
+
+
+@functools.lru_cache(maxsize=64)
+def _interpolation(n: int, out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The `[out, n]` matrix of linear interpolation from `n` samples to `out` (PyTorch's rule: source
+    coordinate `(o + 0.5) * n / out - 0.5`, clamped at 0, the last sample repeated past the end).
+    """
+    src = ((torch.arange(out, dtype=torch.float64) + 0.5) * (n / out) - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=n - 1)
+    hi = (lo + 1).clamp(max=n - 1)
+    frac = src - lo
+    w = torch.zeros(out, n, dtype=torch.float64)
+    w[torch.arange(out), lo] += 1 - frac
+    w[torch.arange(out), hi] += frac
+    return w.to(dtype=dtype, device=device)
 
 
 def _fused(probs: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -178,23 +203,37 @@ def attention_rollout(
         grid: the patch grid `(rows, columns)`; None: the square the patch tokens make.
         chunk_size: images per forward.
     """
+    shown = [m for m in model.modules() if isinstance(m, AttentionProbs)]
 
     def rollout(x: torch.Tensor, _t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), captured(model) as seen:
-            model(x)
-        if not seen:
-            raise ValueError(f"{type(model).__name__} passed no attention through an AttentionProbs module")
-        # Only the class token's row of R is read: e0' A_L ... A_1, a row times each block's matrix
-        # from the last block down (N^2 a block, not the N^3 of the matrix product).
-        row = None
-        for probs in reversed(seen):
+        # Each block's attention is fused over heads as the forward passes it, so that no block's full
+        # probabilities outlive their block (holding them cost a plain forward 10 to 17% here).
+        fused: list[torch.Tensor] = []
+
+        def fold(_m: nn.Module, _a: tuple, probs: torch.Tensor) -> None:
             a = _fused(probs, head_fusion)
             if discard_ratio > 0:
                 a = _discarded(a, discard_ratio)
-            a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # halves cancel in the norm
-            a = a / a.sum(dim=-1, keepdim=True)
-            row = a[:, 0] if row is None else (row[:, None] @ a)[:, 0]
-        assert row is not None
+            a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # the residual path; halves cancel in the norm
+            if head_fusion == "mean" and discard_ratio == 0:  # rows of one plus the identity's
+                fused.append(a.mul_(0.5))
+            else:
+                fused.append(a.div_(a.sum(dim=-1, keepdim=True)))
+
+        hooks = [m.register_forward_hook(fold) for m in shown]
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not fused:
+            raise ValueError(f"{type(model).__name__} passed no attention through an AttentionProbs module")
+        # Only the class token's row of R = A_L ... A_1 is read: a row times each block's matrix from
+        # the last block down (N^2 a block, not the N^3 of the matrix product).
+        row = fused[-1][:, 0]
+        for a in reversed(fused[:-1]):
+            row = (row[:, None] @ a)[:, 0]
         return _patch_map(row, prefix_tokens, grid, x)
 
     return chunked(rollout, inputs, target, chunk_size)

@@ -146,3 +146,27 @@ def test_legrad_equals_torchcams_on_torchvisions_vit_b_16():
     got = methods.legrad(shown, x, torch.tensor(t), layers=4, prefix_tokens=1, grid=(2, 2))
     on_image = nn.functional.interpolate(expected[:, None], size=(32, 32), mode="bilinear")
     torch.testing.assert_close(got, on_image, rtol=0, atol=1e-5 * float(on_image.abs().max()))
+
+
+def test_guided_grad_cam_on_tokens_is_captums_product_of_grad_cam_and_guided_backprop():
+    """Captum's GuidedGradCam is Grad-CAM upsampled times guided backprop: on a CNN the product of
+    the harness's grad_cam and Captum's GuidedBackprop equals it; on a ViT's tokens, where Captum's
+    takes no layer, guided_grad_cam is that product.
+    """
+    from captum.attr import GuidedBackprop
+
+    torch.manual_seed(0)
+    cnn = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()  # fmt: skip
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([0, 2, 3])
+    captums = methods.guided_grad_cam(cnn, x, t, layer="2")
+    product = GuidedBackprop(cnn).attribute(x, target=t) * methods.grad_cam(cnn, x, t, layer="2")
+    torch.testing.assert_close(product, captums, rtol=1e-5, atol=1e-6 * float(captums.abs().max()))
+    clf = torchvision_classifier("vit_b_16", input_size=32, num_classes=10)
+    nn.init.normal_(clf.module.heads.head.weight)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([1, 7])
+    got = methods.guided_grad_cam(clf.module, x, t, layer=clf.cam_layer, layout="tokens")
+    cam = methods.grad_cam(clf.module, x, t, layer=clf.cam_layer, layout="tokens")
+    expected = GuidedBackprop(clf.module).attribute(x, target=t) * cam
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    assert got.shape == (2, 3, 32, 32) and got.abs().sum() > 0

@@ -259,3 +259,14 @@ def test_legrad_ranks_the_patches_by_their_tokens_not_by_where_the_class_token_l
     for pool in ("mean", "cls"):
         maps = methods.legrad(model, x, t, grid=(4, 4), pool=pool)
         assert int(nn.functional.adaptive_avg_pool2d(maps, 4).flatten(1).argmax(1)) == 3
+
+
+@pytest.mark.parametrize(
+    ("small", "size"), [((8, 8), (64, 64)), ((14, 14), (224, 224)), ((4, 7), (33, 50)), ((3, 3), (2, 2))]
+)
+def test_the_maps_upsampling_is_torchs_bilinear_interpolation(small, size):
+    from methods.transformer import bilinear
+
+    maps = torch.randn(3, 2, *small, generator=torch.Generator().manual_seed(0))
+    expected = nn.functional.interpolate(maps, size, mode="bilinear")
+    torch.testing.assert_close(bilinear(maps, size), expected, rtol=0, atol=1e-6)

@@ -128,3 +128,26 @@ def test_an_attention_method_on_a_cnn_is_refused_naming_the_methods_it_can_use(t
     assert r.returncode != 0
     assert "method attention_rollout on model small_cnn: SmallCNN shows no attention" in r.stderr
     assert "methods for it: " in r.stderr and "saliency" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_sweep_that_skips_the_inapplicable_records_why_and_goes_on(tmp_path):
+    """With skip_inapplicable=true an attention method on a CNN leaves not_applicable.txt (no error,
+    no results) and the report names it; without it, the same job fails like any bad input.
+    """
+    sweep = tmp_path / "sweep"
+    common = ["-m", "model=small_cnn", "method=attention_rollout,saliency", "data.num_images=2",
+              "metric=[deletion]", "device=cpu", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    r = harness(*common, "skip_inapplicable=true")
+    assert r.returncode == 0, r.stderr
+    skipped = next(sweep.glob("*method=attention_rollout*"))
+    said = (skipped / "not_applicable.txt").read_text()
+    assert said.startswith("method attention_rollout on model small_cnn: SmallCNN shows no attention")
+    assert not (skipped / "error.txt").exists() and not (skipped / "run.json").exists()
+    assert "1 job(s) not applicable" in r.stderr
+    assert list(pd.read_csv(sweep / "summary.csv")["method"]) == ["saliency"]
+    assert "## Not applicable" in (sweep / "summary.md").read_text()
+    r = harness(*common)  # the same sweep, not skipping: the job fails and says why
+    assert r.returncode != 0
+    assert not (skipped / "not_applicable.txt").exists()
+    assert "SmallCNN shows no attention" in (skipped / "error.txt").read_text()

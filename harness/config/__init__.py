@@ -7,7 +7,7 @@ Nothing here imports torch: the sweep checks and hashes every job before it laun
 
 from harness.config.checks import CHOSEN_BY_JOB, as_declared, check_node, describe, matches, unknown_setting
 from harness.config.composition import composition_message, hydra_errors_in_one_line
-from harness.config.errors import HarnessError, MissingFile, first_line
+from harness.config.errors import HarnessError, Inapplicable, MissingFile, first_line
 from harness.config.keys import cache_root, config_hash, digest, explain_key, file_sha256, weights_sha256
 from harness.config.paths import check_paths, names_a_file, output_problem, read_listing
 from harness.config.settings import (
@@ -31,6 +31,7 @@ __all__ = [
     "PRECISIONS",
     "DeviceSettings",
     "HarnessError",
+    "Inapplicable",
     "JobSettings",
     "MissingFile",
     "Settings",

@@ -177,6 +177,8 @@ class JobSettings:
         save_maps: keep the maps as the method returned them (else a float16 channel sum for display).
         resume: skip a job whose folder holds complete results of the same config.
         progress: a progress bar per job; None shows it only when stderr is a terminal.
+        skip_inapplicable: in a sweep, a job whose method cannot explain its model (an attention
+            method on a CNN) records that and the sweep goes on, instead of failing.
     """
 
     seed: int = 0
@@ -185,6 +187,7 @@ class JobSettings:
     save_maps: bool = True
     resume: bool = False
     progress: bool | None = None
+    skip_inapplicable: bool = False
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:

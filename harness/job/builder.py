@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from harness.config import CHOSEN_BY_JOB, HarnessError, Settings, as_declared, check_config
+from harness.config import CHOSEN_BY_JOB, HarnessError, Inapplicable, Settings, as_declared, check_config
 from harness.data import Images, held_out, load_data
 from harness.models import Classifier
 from harness.runtime import (
@@ -130,7 +130,7 @@ def build(
             try:
                 traits.check_model(clf.module, probe[:1])
             except ValueError as e:
-                raise HarnessError(f"method {name} on model {clf.name}: {e}") from None
+                raise Inapplicable(f"method {name} on model {clf.name}: {e}") from None
         folded = options.prepare(clf.module, probe, keep={clf.cam_layer})
         model = options.compiled(clf.module)
     speed = ModelSpeed(model, data.images, device, options.memory_format)

@@ -36,7 +36,7 @@ from harness.report.sanity import write_sanity
 from harness.report.speed import write_timing
 from harness.report.statistics import verdict
 from harness.report.tables import GROUP, markdown
-from harness.results import atomic_write, remove_temporaries
+from harness.results import NOT_APPLICABLE_FILE, atomic_write, remove_temporaries
 
 __all__ = ["write_report"]
 log = logging.getLogger("harness.report")
@@ -81,7 +81,8 @@ def _write(rows: pd.DataFrame, sweeps: tuple[Path, ...], out: Path, staging: Pat
     found = verdict(rows)
     atomic_write(staging / "verdict.csv", lambda p: found.table.to_csv(p, index=False))
     atomic_write(staging / "pairwise.csv", lambda p: found.pairwise.to_csv(p, index=False))
-    atomic_write(staging / "summary.md", lambda p: p.write_text(markdown(rows) + "\n" + found.markdown))
+    summary = markdown(rows) + "\n" + found.markdown + _not_applicable(sweeps)
+    atomic_write(staging / "summary.md", lambda p: p.write_text(summary))
     plots = []
     for name, wanted in CURVE_PLOTS.items():
         present = [c for c in wanted if f"{c}_auc" in rows.columns]
@@ -106,3 +107,12 @@ def _write(rows: pd.DataFrame, sweeps: tuple[Path, ...], out: Path, staging: Pat
     write_page(rows, found, plots, staging / "report.html", f"Attribution report: {names}", inspected)
     # Last: a summary.csv newer than every job means the whole report is (see report_is_current).
     atomic_write(staging / "summary.csv", lambda p: rows.drop(columns="job_dir").to_csv(p, index=False))
+
+
+def _not_applicable(sweeps: tuple[Path, ...]) -> str:
+    """The jobs whose method could not explain their model (`skip_inapplicable`), each with why."""
+    said = sorted(p for sweep in sweeps for p in sweep.glob(f"*/{NOT_APPLICABLE_FILE}"))
+    if not said:
+        return ""
+    lines = [f"- {p.read_text().strip()}" for p in said]
+    return "\n## Not applicable\n\n" + "\n".join(lines) + "\n"

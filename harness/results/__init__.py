@@ -8,6 +8,7 @@ resumed sweep decides in milliseconds which jobs are finished.
 from harness.results.files import (
     ERROR_FILE,
     MAPS_FILE,
+    NOT_APPLICABLE_FILE,
     RESULT_FILES,
     ROW_FILE,
     atomic_write,
@@ -21,6 +22,7 @@ from harness.results.folders import JobState, complete_jobs, read_job, remove_te
 __all__ = [
     "ERROR_FILE",
     "MAPS_FILE",
+    "NOT_APPLICABLE_FILE",
     "RESULT_FILES",
     "ROW_FILE",
     "JobState",

@@ -30,6 +30,8 @@ MAPS_FILE = "attributions.npz"
 RESULT_FILES = ("curves.csv", "scores.csv", "kernels.csv", MAPS_FILE, ROW_FILE)
 # A job of a sweep that failed with a message leaves it here (and no results).
 ERROR_FILE = "error.txt"
+# A job whose method cannot explain its model, in a sweep run with `skip_inapplicable=true`, says so here.
+NOT_APPLICABLE_FILE = "not_applicable.txt"
 
 
 def _json_value(v: Any) -> Any:

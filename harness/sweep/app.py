@@ -27,13 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import (
     HarnessError,
+    Inapplicable,
     check_config,
     digest,
     first_line,
     hydra_errors_in_one_line,
     output_problem,
 )
-from harness.results import ERROR_FILE, RESULT_FILES, remove_temporaries
+from harness.results import ERROR_FILE, NOT_APPLICABLE_FILE, RESULT_FILES, remove_temporaries
 from harness.sweep.callback import RUNNING
 from harness.sweep.resume import SKIPPED, clear, job_state
 
@@ -164,6 +165,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)
+    (out / NOT_APPLICABLE_FILE).unlink(missing_ok=True)  # of an earlier run: this one decides again
     try:
         state = job_state(cfg, out)
         if state.kept:
@@ -179,6 +181,15 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     except Exception as e:
         if INTERRUPTED:  # the Ctrl-C, turned into another error by the code it landed in
             raise KeyboardInterrupt from None
+        if (
+            isinstance(e, Inapplicable)
+            and cfg.get("skip_inapplicable")
+            and hydra_cfg.mode == RunMode.MULTIRUN
+        ):
+            log.info("not applicable: %s", message(e))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / NOT_APPLICABLE_FILE).write_text(message(e) + "\n")
+            return None
         if isinstance(e, (HarnessError, InstantiationException, ValueError, FileNotFoundError)):
             failed(out, message(e))
             return None

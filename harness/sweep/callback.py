@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from harness.config import first_line
-from harness.results import ERROR_FILE, ROW_FILE, remove_temporaries
+from harness.results import ERROR_FILE, NOT_APPLICABLE_FILE, ROW_FILE, remove_temporaries
 
 log = logging.getLogger("harness")
 # The sweep folder of the running sweep (ReportCallback sets it), for the line that a Ctrl-C prints.
@@ -57,6 +57,12 @@ class ReportCallback(Callback):
 
                 write_report(sweep)
             print(f"results: {sweep}/summary.md, {sweep}/report.html")
+        skipped = sorted(sweep.glob(f"*/{NOT_APPLICABLE_FILE}"))
+        if skipped:
+            log.info(
+                "%d job(s) not applicable (skip_inapplicable=true), each said in %s: %s",
+                len(skipped), NOT_APPLICABLE_FILE, ", ".join(p.parent.name for p in skipped),
+            )  # fmt: skip
         failed = sorted(sweep.glob(f"*/{ERROR_FILE}"))
         by_message: dict[str, list[str]] = {}
         for path in failed:
