@@ -656,15 +656,12 @@ def _check_handled(model: nn.Module, probe: torch.Tensor) -> None:
         raise NotHandled(
             f"lrp cannot propagate relevance through {type(model).__name__}: it computes {why}; LRP here "
             "covers CNNs of convolutions, linear layers, BatchNorm, element-wise activations, pooling and "
-            "residual sums (VGG, ResNet, EfficientNet-Lite, the small and shapes CNNs)"
+            "residual sums (VGG, ResNet, EfficientNet-Lite, the small and shapes CNNs); for a transformer, "
+            "attn_lrp"
         )
 
 
 def _why_not(model: nn.Module, probe: torch.Tensor) -> str | None:
-    for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False))
-        if own and not isinstance(module, _WITH_RULES):
-            return f"{type(module).__name__} with parameters (module {name!r})"
     stack: list[str] = []  # the modules being called, innermost last
 
     def enter(name: str) -> Callable[..., None]:
@@ -687,6 +684,10 @@ def _why_not(model: nn.Module, probe: torch.Tensor) -> str | None:
     finally:
         for h in hooks:
             h.remove()
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if own and not isinstance(module, _WITH_RULES):
+            return f"{type(module).__name__} with parameters (module {name!r})"
     rule = Rule("epsilon")
     layers, merged = _layers(model, rule, rule, None, Tally())
     with torch.no_grad(), _Branches(probe, layers, frozenset(merged)):

@@ -219,7 +219,7 @@ class _Misordered(nn.Module):
     ("model", "says"),
     [
         (_Gated(), "a product of two tensors that depend on the input"),
-        (_Normed(), "GroupNorm with parameters"),
+        (_Normed(), "group_norm in module 'norm'"),
         (_Misordered(), "BatchNorm that does not follow the convolution or linear layer assigned before it"),
     ],
 )
