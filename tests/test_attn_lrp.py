@@ -68,12 +68,12 @@ def _lxt_relevance(
 
 def test_attn_lrp_equals_lxts_on_torchvisions_vit_b_16(lxt_patched):  # noqa: ARG001
     torch.manual_seed(0)
-    plain = torchvision.models.vit_b_16(weights=None).eval()
+    plain = torchvision.models.vit_b_16(weights=None, image_size=64).eval()  # 12 blocks, 16 patches
     nn.init.normal_(plain.heads.head.weight, std=0.02)  # torchvision starts it at zero
     for p in plain.parameters():
         p.requires_grad_(False)
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
-    t = [281]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    t = [281, 7]
     expected = _lxt_relevance(plain, x, t, conv_gamma=0.25, linear_gamma=0.05)
     scale = float(expected.abs().max())
     assert scale > 0
