@@ -17,53 +17,27 @@ from torch import nn
 import methods
 from harness.models.attention import show_attention
 from harness.runtime.passes import count_forwards
+from harness.versus import methods as versus
 
 
 @pytest.fixture
 def lxt_patched() -> Iterator[None]:
-    """lxt's patches of torch's GELU, LayerNorm and MultiheadAttention and of zennit's hooks, undone
-    after the test (they patch the classes, for every model in the process).
-    """
+    """The patches lxt makes, undone after the test (`harness.versus.methods.lxt_patched`)."""
     pytest.importorskip("lxt")
-    from zennit.core import BasicHook
-
-    saved = [
-        (cls, name, cls.__dict__.get(name))
-        for cls in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention, BasicHook)
-        for name in ("forward", "backward", "original_forward")
-    ]
-    from lxt.efficient import monkey_patch, monkey_patch_zennit
-
-    monkey_patch(torchvision.models.vision_transformer)
-    monkey_patch_zennit()
-    try:
+    with versus.lxt_patched():
         yield
-    finally:
-        for cls, name, value in saved:
-            if value is None:
-                if name in cls.__dict__:
-                    delattr(cls, name)
-            else:
-                setattr(cls, name, value)
 
 
 def _lxt_relevance(
     model: nn.Module, x: torch.Tensor, t: list[int], conv_gamma: float, linear_gamma: float
 ) -> torch.Tensor:
-    from zennit import rules
-    from zennit.composites import LayerMapComposite
-
-    composite = LayerMapComposite(
-        [(nn.Conv2d, rules.Gamma(conv_gamma)), (nn.Linear, rules.Gamma(linear_gamma))]
+    """The relevance lxt gives, image by image as its example runs it."""
+    return torch.cat(
+        [
+            versus.lxt_relevance(model, x[i : i + 1], torch.tensor([c]), conv_gamma, linear_gamma)
+            for i, c in enumerate(t)
+        ]
     )
-    out = []
-    for i, target in enumerate(t):
-        image = x[i : i + 1].clone().requires_grad_(True)
-        with composite.context(model):
-            model(image)[0, target].backward()
-        assert image.grad is not None
-        out.append((image * image.grad).detach())
-    return torch.cat(out)
 
 
 def test_attn_lrp_equals_lxts_on_torchvisions_vit_b_16(lxt_patched):  # noqa: ARG001

@@ -28,7 +28,8 @@ import argparse
 import logging
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from methods.surrogate import regions
 
 log = logging.getLogger("harness")
 SETTING = "efficientnet_lite0@224"
-COMPARISONS = ("surrogates", "paths", "lrp", "legrad", "ceilings")
+COMPARISONS = ("surrogates", "paths", "lrp", "legrad", "attn_lrp", "ceilings")
 
 
 def surrogates(
@@ -236,6 +237,85 @@ def legrad(s: Setup, device: torch.device, repeats: int, images: int) -> list[di
     return [_row("legrad (vit_b_16, 12 blocks)", images, best_of(calls, device, repeats))]
 
 
+@contextmanager
+def lxt_patched() -> Iterator[None]:
+    """The patches lxt makes for torchvision's ViT (torch's GELU, LayerNorm and MultiheadAttention) and of
+    zennit's hooks, undone at the end: lxt patches the classes, for every model in the process.
+    """
+    from torch import nn
+    from zennit.core import BasicHook
+
+    saved = [
+        (cls, name, cls.__dict__.get(name))
+        for cls in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention, BasicHook)
+        for name in ("forward", "backward", "original_forward")
+    ]
+    import torchvision
+    from lxt.efficient import monkey_patch, monkey_patch_zennit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkey_patch(torchvision.models.vision_transformer)
+        monkey_patch_zennit()
+    try:
+        yield
+    finally:
+        for cls, name, value in saved:
+            if value is not None:
+                setattr(cls, name, value)
+            elif name in cls.__dict__:
+                delattr(cls, name)
+
+
+def lxt_relevance(
+    model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, conv_gamma: float, linear_gamma: float
+) -> torch.Tensor:
+    """AttnLRP as lxt's ViT example computes it (its patches on, `lxt_patched`; zennit's gamma rule on
+    convolutions and linear layers), for the images `x` at once: `x * grad`, `[B, C, H, W]`.
+    """
+    from zennit import rules
+    from zennit.composites import LayerMapComposite
+
+    composite = LayerMapComposite(
+        [(torch.nn.Conv2d, rules.Gamma(conv_gamma)), (torch.nn.Linear, rules.Gamma(linear_gamma))]
+    )
+    image = x.detach().clone().requires_grad_(True)
+    with composite.context(model):
+        model(image).gather(1, t[:, None]).sum().backward()
+    assert image.grad is not None
+    return (image * image.grad).detach()
+
+
+def attn_lrp(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[str, Any]]:
+    """AttnLRP, ours and lxt's, on torchvision's ViT-B/16 at 224 (random weights, its zero-initialised
+    head drawn anew) on `images` photos: lxt's patches applied around each of its calls only.
+    """
+    import copy
+
+    import torchvision
+
+    from harness.models.attention import show_attention
+
+    torch.manual_seed(0)
+    plain = torchvision.models.vit_b_16(weights=None).eval().to(device)
+    torch.nn.init.normal_(plain.heads.head.weight, std=0.02)
+    for p in plain.parameters():
+        p.requires_grad_(False)
+    shown = copy.deepcopy(plain)
+    show_attention(shown)
+    x = s.x[:images].contiguous()
+    with torch.no_grad():
+        t = plain(x).argmax(1)
+
+    def lxt() -> torch.Tensor:
+        with lxt_patched():
+            return lxt_relevance(plain, x, t, 0.25, 0.05)
+
+    calls = {"ours": lambda: methods.attn_lrp(shown, x, t, chunk_size=images), "lxt": lxt}
+    log.info("attn_lrp on %d photo(s), ViT-B/16", images)
+    return [_row("attn_lrp (vit_b_16, gamma 0.25 / 0.05)", images, best_of(calls, device, repeats))]
+
+
 def ceilings(s: Setup, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """The model alone on the eight photos, as the libraries run it (batch 1, the model as a user
     passes it) and as ours does (its calibrated batch sizes, BatchNorm folded): the most that batching
@@ -294,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += lrp(s, device, args.repeats, len(s.x))
     if "legrad" in args.only:
         rows += legrad(s, device, args.repeats, args.images)
+    if "attn_lrp" in args.only:
+        rows += attn_lrp(s, device, args.repeats, args.images)
     if "ceilings" in args.only:
         rows += ceilings(s, device, args.repeats)
     table = pd.DataFrame(rows)
