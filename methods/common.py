@@ -44,6 +44,9 @@ class MethodTraits:
             one image before any timed or calibrating work.
         attention: reads a transformer's attention (`methods.transformer.AttentionProbs`); the job
             binds the model's token layout (`prefix_tokens`, `grid`).
+        check_settings: `(settings, probe) -> None`, raising `ValueError` for settings that do not fit
+            the images (a patch grid that does not split them), checked by the job once the settings
+            it binds are bound, before any model work.
     """
 
     forward_only: bool = False
@@ -54,6 +57,7 @@ class MethodTraits:
     references: bool = False
     check_model: Callable[[Any, torch.Tensor], None] | None = None
     attention: bool = False
+    check_settings: Callable[[dict[str, Any], torch.Tensor], None] | None = None
 
 
 def method(
@@ -66,12 +70,21 @@ def method(
     references: bool = False,
     check_model: Callable[[Any, torch.Tensor], None] | None = None,
     attention: bool = False,
+    check_settings: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
 ) -> Callable[[F], F]:
     """Mark a function as an attribution method with its traits (see `MethodTraits`)."""
 
     def mark(fn: F) -> F:
         traits = MethodTraits(
-            forward_only, eager_only, stochastic, ground_truth, softmax, references, check_model, attention
+            forward_only,
+            eager_only,
+            stochastic,
+            ground_truth,
+            softmax,
+            references,
+            check_model,
+            attention,
+            check_settings,
         )
         fn.traits = traits  # type: ignore[attr-defined]
         return fn

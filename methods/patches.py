@@ -14,7 +14,8 @@ one, give it. Each image's side must split into whole patches.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import torch
 from annotated_types import Ge, Gt, Interval
@@ -40,7 +41,21 @@ def patch_index(inputs: torch.Tensor, grid: tuple[int, int] | None, name: str) -
     return r[:, None] * cols + c[None, :]
 
 
-@method(forward_only=True, attention=True, check_model=check_transformer)
+def _grid_fits(name: str) -> Callable[[dict[str, Any], torch.Tensor], None]:
+    """The settings check of method `name`: its `grid` splits the images into whole patches."""
+
+    def check(settings: dict[str, Any], probe: torch.Tensor) -> None:
+        patch_index(probe, settings.get("grid"), name)
+
+    return check
+
+
+@method(
+    forward_only=True,
+    attention=True,
+    check_model=check_transformer,
+    check_settings=_grid_fits("patch_occlusion"),
+)
 @torch.no_grad()
 def patch_occlusion(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, grid: tuple[int, int] | None = None,
@@ -80,7 +95,14 @@ def patch_occlusion(
     return drops[:, index][:, None]
 
 
-@method(forward_only=True, stochastic=True, softmax=True, attention=True, check_model=check_transformer)
+@method(
+    forward_only=True,
+    stochastic=True,
+    softmax=True,
+    attention=True,
+    check_model=check_transformer,
+    check_settings=_grid_fits("patch_rise"),
+)
 @torch.no_grad()
 def patch_rise(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, grid: tuple[int, int] | None = None,
@@ -110,7 +132,13 @@ def patch_rise(
     return masks_weighted_by_softmax(model, inputs, target, masks, n_masks, chunk_size) / p_keep
 
 
-@method(forward_only=True, stochastic=True, attention=True, check_model=check_transformer)
+@method(
+    forward_only=True,
+    stochastic=True,
+    attention=True,
+    check_model=check_transformer,
+    check_settings=_grid_fits("patch_lime"),
+)
 def patch_lime(
     model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, *, grid: tuple[int, int] | None = None,
     n_samples: Count = 1000, kernel_width: Annotated[float, Gt(0)] = 1.0,

@@ -151,3 +151,12 @@ def test_a_sweep_that_skips_the_inapplicable_records_why_and_goes_on(tmp_path):
     assert r.returncode != 0
     assert not (skipped / "not_applicable.txt").exists()
     assert "SmallCNN shows no attention" in (skipped / "error.txt").read_text()
+
+
+def test_a_patch_grid_that_does_not_split_the_images_is_refused_before_any_model_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    r = harness(*TINY_VIT, "method=patch_occlusion", "method.grid=[5,4]", "metric=[deletion]", "device=cpu",
+                f"hydra.run.dir={tmp_path / 'run'}", "hydra.mode=RUN")  # fmt: skip
+    assert r.returncode != 0
+    assert "method patch_occlusion: patch_occlusion: grid=[5, 4] does not split 32x32 images" in r.stderr
+    assert "calibration" not in r.stderr and "started" not in r.stderr

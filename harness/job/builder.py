@@ -125,6 +125,11 @@ def build(
         needs = {n for fn in metrics.values() for n in metric_traits(fn).needs}
         trained = copy.deepcopy(clf.module).to(device) if "trained" in needs else None
         probe = data.images[:2].to(device)
+        if traits.check_settings is not None:  # settings that must fit the images, bound ones included
+            try:
+                traits.check_settings(settings_of(method), probe[:1])
+            except ValueError as e:
+                raise HarnessError(f"method {name}: {e}") from None
         check_deterministic(clf.module.to(device), clf.name, probe)
         if traits.check_model is not None:  # what the method cannot handle, before any timed work
             try:

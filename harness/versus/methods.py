@@ -46,7 +46,7 @@ from methods.surrogate import regions
 
 log = logging.getLogger("harness")
 SETTING = "efficientnet_lite0@224"
-COMPARISONS = ("surrogates", "paths", "lrp", "legrad", "attn_lrp", "ceilings")
+COMPARISONS = ("surrogates", "paths", "lrp", "legrad", "attn_lrp", "patches", "ceilings")
 
 
 def surrogates(
@@ -316,6 +316,36 @@ def attn_lrp(s: Setup, device: torch.device, repeats: int, images: int) -> list[
     return [_row("attn_lrp (vit_b_16, gamma 0.25 / 0.05)", images, best_of(calls, device, repeats))]
 
 
+def patches(s: Setup, device: torch.device, repeats: int, images: int) -> list[dict[str, Any]]:
+    """Occlusion of whole patches, ours and Captum's `Occlusion` with a patch for window and stride,
+    on a ViT-Tiny-sized torchvision ViT at 224 (4 blocks of width 192, 16-pixel patches, random
+    weights), softmax scores, on `images` photos.
+    """
+    import torchvision
+    from captum.attr import Occlusion
+
+    from harness.models.attention import show_attention
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=224, patch_size=16, num_layers=4, num_heads=3, hidden_dim=192, mlp_dim=768
+    ).eval().to(device)  # fmt: skip
+    torch.nn.init.normal_(vit.heads.head.weight, std=0.02)
+    show_attention(vit)
+    x = s.x[:images].contiguous()
+    with torch.no_grad():
+        t = vit(x).argmax(1)
+    scorer = torch.nn.Sequential(vit, torch.nn.Softmax(dim=1))
+    calls = {
+        "ours": lambda: methods.patch_occlusion(vit, x, t, grid=(14, 14), chunk_size=s.bs * images),
+        "captum": lambda: Occlusion(scorer).attribute(
+            x, sliding_window_shapes=(3, 16, 16), strides=(3, 16, 16), target=t
+        ),
+    }
+    log.info("patch_occlusion on %d photo(s), a 4-block ViT", images)
+    return [_row("patch_occlusion (vit, 4 blocks, 196 patches)", images, best_of(calls, device, repeats))]
+
+
 def ceilings(s: Setup, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """The model alone on the eight photos, as the libraries run it (batch 1, the model as a user
     passes it) and as ours does (its calibrated batch sizes, BatchNorm folded): the most that batching
@@ -376,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += legrad(s, device, args.repeats, args.images)
     if "attn_lrp" in args.only:
         rows += attn_lrp(s, device, args.repeats, args.images)
+    if "patches" in args.only:
+        rows += patches(s, device, args.repeats, args.images)
     if "ceilings" in args.only:
         rows += ceilings(s, device, args.repeats)
     table = pd.DataFrame(rows)
